@@ -1,0 +1,86 @@
+"""The ``dynal`` command."""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dynal.experiment import ExperimentConfig, run_experiment
+from dynal.report import load_records, plot, table
+
+app = typer.Typer(help="Deep active learning with dynamicAL and its baselines.", no_args_is_help=True, add_completion=False)
+
+
+def _run_and_report(config: ExperimentConfig, out: Path, progress: bool) -> None:
+    results = run_experiment(config, out, progress=progress)
+    records = load_records(results)
+    typer.echo(table(records))
+    png = plot(records, out / "learning_curve.png", title=f"{config.name}: {config.dataset['name']}, {config.model['name']}")
+    typer.echo(f"results: {results}\nplot: {png}")
+
+
+def demo_config() -> ExperimentConfig:
+    """The demo's config, shipped with the package."""
+    with resources.files("dynal").joinpath("configs/demo.toml").open("rb") as f:
+        import tomllib
+
+        return ExperimentConfig.from_dict(tomllib.load(f))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory."),
+    seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds (default: the config's 3)."),
+    rounds: Optional[int] = typer.Option(None, min=0, help="Query rounds (default: the config's 10)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs per round (default: the config's)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """dynamicAL vs random, entropy and margin on digits with an MLP; prints the table, writes the plot."""
+    config = demo_config()
+    changes: dict = {}
+    if seeds is not None:
+        changes["seeds"] = tuple(range(seeds))
+    if rounds is not None:
+        changes["rounds"] = rounds
+    if epochs is not None:
+        changes["train"] = dataclasses.replace(config.train, epochs=epochs)
+    _run_and_report(dataclasses.replace(config, **changes), out, progress)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment config (TOML)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<config name>)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Run a simulated-oracle experiment from a TOML config (resumes an interrupted run)."""
+    cfg = ExperimentConfig.from_toml(config)
+    _run_and_report(cfg, out or Path("runs") / cfg.name, progress)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., exists=True, help="Run directory or results.jsonl."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Where to write the learning-curve PNG."),
+) -> None:
+    """Print the accuracy/AUBC table of a run and write its learning-curve plot."""
+    records = load_records(run_dir)
+    typer.echo(table(records))
+    base = run_dir if run_dir.is_dir() else run_dir.parent
+    typer.echo(f"plot: {plot(records, plot_path or base / 'learning_curve.png')}")
+
+
+@app.command("list")
+def list_names() -> None:
+    """List the builtin datasets, models and strategies."""
+    from dynal.data import DATASETS
+    from dynal.models import MODELS
+    from dynal.strategies import STRATEGIES
+
+    typer.echo(f"datasets:   {', '.join(sorted(DATASETS))} (or a .npz/.npy path)")
+    typer.echo(f"models:     {', '.join(sorted(MODELS))}")
+    typer.echo(f"strategies: {', '.join(sorted(STRATEGIES))}")

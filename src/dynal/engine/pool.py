@@ -1,0 +1,75 @@
+"""The streamed pass over the pool: one walk in chunks, computing only what is asked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dynal.engine.outputs import LABELED_STATS, POOL_OUTPUTS, Chunk, Context
+
+
+def check_names(names: Sequence[str], known: dict[str, Any], what: str) -> None:
+    """Raise a clear error for an output or statistic the engine does not know."""
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; the engine computes {sorted(known)}")
+
+
+def labeled_stats(
+    model: nn.Module,
+    names: Sequence[str],
+    X: np.ndarray,
+    y: np.ndarray,
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Compute the named labeled-set statistics, plus facts about the model's head."""
+    check_names(names, LABELED_STATS, "labeled-set statistics")
+    model.eval()
+    stats: dict[str, Any] = {
+        "head_bias": model.head.bias is not None,
+        "n_classes": model.head.out_features,
+    }
+    for name in names:
+        stats.update(LABELED_STATS[name](model, X, y, batch_size))
+    return stats
+
+
+def pool_chunks(
+    model: nn.Module,
+    X: np.ndarray,
+    ids: np.ndarray,
+    outputs: Sequence[str],
+    ctx: Context,
+    chunk_size: int = 1024,
+    progress: bool = False,
+    rows: np.ndarray | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Walk the pool once in eval mode and yield, per chunk, ``ids`` and the named outputs.
+
+    Parameters
+    ----------
+    model : a model with ``features`` and ``head``
+    X, ids : inputs and the dataset ids of the pool, aligned with ``rows``
+    rows : the rows of ``X`` that form the pool (default: all), so the pool is never copied
+    outputs : names from :data:`dynal.engine.outputs.POOL_OUTPUTS`
+    ctx : labeled statistics, generator and per-output options
+    chunk_size : rows per forward pass
+    progress : show a progress bar
+    """
+    check_names(outputs, POOL_OUTPUTS, "pool outputs")
+    n = len(X) if rows is None else len(rows)
+    if n != len(ids):
+        raise ValueError(f"pool has {n} inputs but {len(ids)} ids")
+    model.eval()
+    for i in tqdm(range(0, n, chunk_size), desc="scoring pool", unit="chunk", disable=not progress, leave=False):
+        x = X[i : i + chunk_size] if rows is None else X[rows[i : i + chunk_size]]
+        chunk = Chunk(model, torch.from_numpy(np.ascontiguousarray(x)))
+        out: dict[str, np.ndarray] = {"ids": np.asarray(ids[i : i + chunk_size], dtype=np.int64)}
+        for name in outputs:
+            out.update(POOL_OUTPUTS[name](chunk, ctx))
+        yield out

@@ -1,0 +1,70 @@
+"""Streaming top-k with deterministic, generator-driven tie breaking."""
+
+from __future__ import annotations
+
+import numpy as np
+
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def tie_keys(ids: np.ndarray, salt: int) -> np.ndarray:
+    """Pseudo-random uint64 key per id (splitmix64 of ``id ^ salt``).
+
+    A key depends only on the id and the salt, never on the id's position in the pool, so
+    ties are broken the same way whatever the pool order.
+    """
+    z = np.asarray(ids, dtype=np.int64).astype(np.uint64) ^ np.uint64(salt)
+    with np.errstate(over="ignore"):
+        z = (z + np.uint64(0x9E3779B97F4A7C15)) & _MASK
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+    return z ^ (z >> np.uint64(31))
+
+
+def draw_salt(rng: np.random.Generator) -> int:
+    """A tie-breaking salt drawn from the query's generator."""
+    return int(rng.integers(0, 2**63, dtype=np.int64))
+
+
+class StreamingTopK:
+    """Keeps the ``k`` highest-scoring ids seen so far in O(k) memory.
+
+    Order is by score, then by tie key (both descending), so the result does not depend on
+    the order in which chunks arrive.
+    """
+
+    def __init__(self, k: int, salt: int) -> None:
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.k = k
+        self.salt = salt
+        self.ids = np.empty(0, dtype=np.int64)
+        self.scores = np.empty(0, dtype=np.float64)
+        self.keys = np.empty(0, dtype=np.uint64)
+
+    def push(self, ids: np.ndarray, scores: np.ndarray) -> None:
+        """Offer a chunk of candidates."""
+        ids = np.asarray(ids, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if len(scores) != len(ids):
+            raise ValueError(f"{len(scores)} scores for {len(ids)} ids")
+        if np.isnan(scores).any():
+            raise ValueError("a strategy returned NaN scores")
+        if self.k == 0 or len(ids) == 0:
+            return
+        keys = tie_keys(ids, self.salt)
+        if len(self.ids) == self.k:  # drop candidates that cannot enter before sorting
+            floor, floor_key = self.scores[-1], self.keys[-1]
+            enters = (scores > floor) | ((scores == floor) & (keys > floor_key))
+            ids, scores, keys = ids[enters], scores[enters], keys[enters]
+            if len(ids) == 0:
+                return
+        ids = np.concatenate([self.ids, ids])
+        scores = np.concatenate([self.scores, scores])
+        keys = np.concatenate([self.keys, keys])
+        order = np.lexsort((~keys, -scores))[: self.k]
+        self.ids, self.scores, self.keys = ids[order], scores[order], keys[order]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of the kept candidates, best first."""
+        return self.ids.copy(), self.scores.copy()

@@ -1,0 +1,235 @@
+"""The active-learning loop: a learner with initialize / query / update / ignore."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dynal.data.arrays import check_labels
+from dynal.data.dataset import Split
+from dynal.engine.outputs import Context
+from dynal.engine.pool import labeled_stats, pool_chunks
+from dynal.resources import Measure
+from dynal.strategies import Strategy, make_strategy
+from dynal.training import FitResult, TrainConfig, build_model, evaluate, fit, seed_from
+
+Oracle = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query's result.
+
+    Attributes
+    ----------
+    ids : dataset ids to label, in pick order
+    scores : each id's score when picked
+    round : the round these labels will be stamped with
+    strategy : the strategy's name and parameters
+    seconds : wall time of the pool pass and selection
+    peak_memory : peak resident-memory growth during the query, bytes
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    round: int
+    strategy: dict[str, Any]
+    seconds: float
+    peak_memory: int
+
+
+@dataclass
+class LabelState:
+    """Which ids are labeled, with which label, in which round; and which are ignored."""
+
+    labels: dict[int, int] = field(default_factory=dict)
+    rounds: dict[int, int] = field(default_factory=dict)
+    ignored: set[int] = field(default_factory=set)
+
+    def add(self, ids: np.ndarray, labels: np.ndarray, round: int) -> None:
+        for i, y in zip(ids.tolist(), labels.tolist()):
+            self.labels[i] = y
+            self.rounds[i] = round
+
+    def labeled_ids(self) -> np.ndarray:
+        return np.fromiter(self.labels, dtype=np.int64, count=len(self.labels))
+
+    def excluded(self) -> np.ndarray:
+        """Ids that are not in the pool: labeled or ignored."""
+        return np.fromiter([*self.labels, *self.ignored], dtype=np.int64)
+
+
+class ActiveLearner:
+    """Pool-based active learning over a split with stable dataset ids.
+
+    Parameters
+    ----------
+    pool : the split to label (its ``y`` is used only by the simulated oracle)
+    model_factory : zero-argument callable building a fresh model
+    strategy : registry name or a :class:`~dynal.strategies.Strategy`
+    n_classes : number of classes of the task (from the dataset, never from labels seen)
+    train_config : how to train each round
+    rng : the generator every random choice draws from
+    oracle : ``ids -> labels`` used when :meth:`initialize` or :meth:`label` get no labels;
+        defaults to the pool's hidden labels when the split has them
+    chunk_size : rows per forward pass of the pool scan
+    progress : show progress bars
+    """
+
+    def __init__(
+        self,
+        pool: Split,
+        model_factory: Callable[[], nn.Module],
+        strategy: str | Strategy,
+        n_classes: int,
+        train_config: TrainConfig | None = None,
+        rng: np.random.Generator | int | None = None,
+        oracle: Oracle | None = None,
+        chunk_size: int = 1024,
+        progress: bool = False,
+    ) -> None:
+        self.pool = pool
+        self.model_factory = model_factory
+        self.strategy = make_strategy(strategy)
+        self.n_classes = int(n_classes)
+        self.train_config = train_config or TrainConfig()
+        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        if oracle is None and pool.y is not None:
+            oracle = self._simulated_oracle
+        self.oracle = oracle
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.state = LabelState()
+        self.round = 0
+        self.model: nn.Module | None = None
+
+    def _simulated_oracle(self, ids: np.ndarray) -> np.ndarray:
+        assert self.pool.y is not None
+        return self.pool.y[self.pool.positions(ids)]
+
+    # ----- the labeled set and the pool
+    def labeled_ids(self) -> np.ndarray:
+        """Ids labeled so far, in labeling order."""
+        return self.state.labeled_ids()
+
+    def unlabeled_ids(self) -> np.ndarray:
+        """Ids still in the pool (neither labeled nor ignored), in split order."""
+        return self.pool.ids[~np.isin(self.pool.ids, self.state.excluded())]
+
+    def labels(self) -> np.ndarray:
+        """Labels of :meth:`labeled_ids`, aligned."""
+        return np.fromiter(self.state.labels.values(), dtype=np.int64, count=len(self.state.labels))
+
+    def _check_new_ids(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError("ids must be a one-dimensional array of integer dataset ids")
+        ids = ids.astype(np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("ids contain duplicates")
+        unknown = ids[~np.isin(ids, self.pool.ids)]
+        if unknown.size:
+            raise KeyError(f"ids not in the pool's dataset: {unknown[:10].tolist()}")
+        taken = ids[np.isin(ids, self.state.excluded())]
+        if taken.size:
+            raise ValueError(f"ids already labeled or ignored: {taken[:10].tolist()}")
+        return ids
+
+    def _get_labels(self, ids: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        if labels is None:
+            if self.oracle is None:
+                raise ValueError("no labels given and the learner has no oracle")
+            labels = self.oracle(ids)
+        labels = check_labels(labels, self.n_classes, what="labels")
+        if len(labels) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(labels)} labels")
+        return labels
+
+    # ----- the interactive contract
+    def initialize(self, n_or_ids: int | np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """Label an initial set: ``n`` ids drawn uniformly from the pool, or the given ids.
+
+        Labels come from ``labels`` or, if omitted, the oracle. Returns the ids, stamped round 0.
+        """
+        if self.state.labels:
+            raise ValueError("the learner is already initialized")
+        if isinstance(n_or_ids, (int, np.integer)):
+            n = int(n_or_ids)
+            if not 0 < n <= len(self.pool):
+                raise ValueError(f"initial size must be in [1, {len(self.pool)}], got {n}")
+            ids = np.sort(self.rng.choice(self.pool.ids, size=n, replace=False))
+        else:
+            ids = self._check_new_ids(n_or_ids)
+            if ids.size == 0:
+                raise ValueError("the initial set is empty")
+        labels = self._get_labels(ids, labels)
+        self.state.add(ids, labels, round=0)
+        return ids
+
+    def fit(self) -> FitResult:
+        """Train the model on the labeled set (re-initialized unless ``warm_start``)."""
+        if not self.state.labels:
+            raise ValueError("nothing is labeled yet: call initialize() first")
+        if self.model is None or not self.train_config.warm_start:
+            self.model = build_model(self.model_factory, self.rng)
+        ids = self.labeled_ids()
+        return fit(self.model, self.pool.X[self.pool.positions(ids)], self.labels(), self.train_config, self.rng)
+
+    def evaluate(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Accuracy of the current model on held-out data (never used to choose anything)."""
+        if self.model is None:
+            raise ValueError("no model yet: call fit() first")
+        return evaluate(self.model, X, y)
+
+    def query(self, budget: int, strict: bool = False) -> Query:
+        """Choose up to ``budget`` pool ids to label next with the strategy.
+
+        With fewer than ``budget`` ids left, all that remain are returned with a warning, or
+        a ``ValueError`` is raised if ``strict``. Ids are never duplicated.
+        """
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+            raise TypeError(f"budget must be an integer, got {budget!r}")
+        if budget <= 0:
+            raise ValueError(f"budget must be positive, got {budget}")
+        if self.model is None:
+            raise ValueError("no model yet: call fit() first")
+        pool_ids = self.unlabeled_ids()
+        if budget > len(pool_ids):
+            msg = f"budget {budget} exceeds the {len(pool_ids)} unlabeled samples left"
+            if strict:
+                raise ValueError(msg)
+            warnings.warn(msg + "; taking them all", stacklevel=2)
+            budget = len(pool_ids)
+        strategy = self.strategy
+        with Measure() as m:
+            if budget == 0:
+                ids, scores = np.empty(0, dtype=np.int64), np.empty(0)
+            else:
+                lab_ids = self.labeled_ids()
+                stats = labeled_stats(self.model, strategy.labeled, self.pool.X[self.pool.positions(lab_ids)], self.labels())
+                gen = torch.Generator().manual_seed(seed_from(self.rng))
+                ctx = Context(self.model, stats, gen, strategy.output_options())
+                rows = self.pool.positions(pool_ids)
+                chunks = pool_chunks(self.model, self.pool.X, pool_ids, strategy.outputs, ctx, self.chunk_size, self.progress, rows)
+                ids, scores = strategy.select(chunks, stats, budget, self.rng)
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) != budget or len(np.unique(ids)) != len(ids) or np.isin(ids, self.state.excluded()).any():
+            raise RuntimeError(f"strategy {strategy.name!r} broke the contract: {len(ids)} ids for budget {budget}")
+        self.round += 1
+        return Query(ids, np.asarray(scores, dtype=np.float64), self.round, strategy.config(), m.seconds, m.peak_bytes)
+
+    def update(self, ids: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """Record labels for pool ids (from ``labels`` or the oracle), stamped with the current round."""
+        ids = self._check_new_ids(ids)
+        labels = self._get_labels(ids, labels)
+        self.state.add(ids, labels, self.round)
+
+    def ignore(self, ids: np.ndarray) -> None:
+        """Remove pool ids from consideration without labeling them (e.g. unreadable samples)."""
+        self.state.ignored.update(self._check_new_ids(ids).tolist())

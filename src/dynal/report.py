@@ -1,0 +1,117 @@
+"""Tables and learning curves computed from an experiment's JSON Lines only."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from dynal.experiment import RESULTS
+
+
+def load_records(run: str | Path) -> list[dict]:
+    """Records of a run directory (or a ``.jsonl`` file)."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / RESULTS
+    if not path.exists():
+        raise FileNotFoundError(f"no results at {path}")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def curves(records: list[dict]) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """``strategy -> seed -> [(n_labeled, accuracy), ...]`` sorted by round."""
+    out: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+    for r in sorted(records, key=lambda r: r["round"]):
+        out[r["strategy"]][r["seed"]].append((r["n_labeled"], r["test_accuracy"]))
+    return out
+
+
+def aubc(n_labeled: np.ndarray, accuracy: np.ndarray) -> float:
+    """Area under the learning curve, normalized to [0, 1] by the labeled-size range.
+
+    The trapezoid area of accuracy over the number of labels, divided by the span of label
+    counts; a single point gives its accuracy.
+    """
+    n, acc = np.asarray(n_labeled, dtype=float), np.asarray(accuracy, dtype=float)
+    if len(n) == 1 or n[-1] == n[0]:
+        return float(acc.mean())
+    return float(np.sum((acc[1:] + acc[:-1]) / 2 * np.diff(n)) / (n[-1] - n[0]))
+
+
+def summarize(records: list[dict]) -> dict[str, dict]:
+    """Per strategy: label counts, mean and std accuracy per round, and AUBC mean/std/per seed."""
+    summary = {}
+    for strategy, by_seed in curves(records).items():
+        lengths = {len(c) for c in by_seed.values()}
+        rounds = min(lengths)
+        acc = np.array([[a for _, a in c[:rounds]] for c in by_seed.values()])
+        n = np.array([n for n, _ in next(iter(by_seed.values()))[:rounds]])
+        per_seed = {seed: aubc(n, acc[i]) for i, seed in enumerate(by_seed)}
+        values = np.array(list(per_seed.values()))
+        summary[strategy] = {
+            "n_labeled": n,
+            "mean": acc.mean(0),
+            "std": acc.std(0),
+            "aubc_mean": float(values.mean()),
+            "aubc_std": float(values.std()),
+            "aubc_per_seed": per_seed,
+            "seeds": len(by_seed),
+        }
+    return summary
+
+
+def table(records: list[dict]) -> str:
+    """A text table: mean ± std test accuracy per round and strategy, then AUBC, then the
+    paired AUBC difference against ``random`` when it was run."""
+    s = summarize(records)
+    names = sorted(s)
+    n_rows = max(len(v["n_labeled"]) for v in s.values())
+    ref = next(iter(s.values()))["n_labeled"]
+    width = max(16, *(len(n) + 2 for n in names))
+    lines = ["round  labels" + "".join(f"{n:>{width}}" for n in names)]
+    for i in range(n_rows):
+        cells = "".join(
+            f"{v['mean'][i]:>{width - 8}.3f} ± {v['std'][i]:.3f}" if i < len(v["mean"]) else " " * width
+            for v in (s[n] for n in names)
+        )
+        lines.append(f"{i:>5}  {int(ref[i]) if i < len(ref) else '':>6}{cells}")
+    lines.append("AUBC         " + "".join(f"{s[n]['aubc_mean']:>{width - 8}.3f} ± {s[n]['aubc_std']:.3f}" for n in names))
+    if "random" in s:
+        base = s["random"]["aubc_per_seed"]
+        cells = []
+        for n in names:
+            diffs = [v - base[k] for k, v in s[n]["aubc_per_seed"].items() if k in base]
+            cells.append(f"{np.mean(diffs):>+{width - 8}.3f} ± {np.std(diffs):.3f}" if diffs else " " * width)
+        lines.append("vs random    " + "".join(cells))
+    seeds = sorted({r["seed"] for r in records})
+    lines.append(f"(test accuracy, mean ± std over {len(seeds)} seeds; AUBC normalized to [0, 1])")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str | Path, title: str = "") -> Path:
+    """Write a learning-curve PNG: one line per strategy, a band of ± one std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, v in sorted(summarize(records).items()):
+        ax.plot(v["n_labeled"], v["mean"], marker="o", ms=3, label=f"{name} (AUBC {v['aubc_mean']:.3f})")
+        ax.fill_between(v["n_labeled"], v["mean"] - v["std"], v["mean"] + v["std"], alpha=0.2)
+    ax.set_xlabel("labeled samples")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "learning curves (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,51 @@
+"""Random sampling and the uncertainty baselines on eval-mode class probabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy.special import entr
+
+from dynal.strategies.base import ScoreStrategy
+
+
+class RandomSampling(ScoreStrategy):
+    """Uniform random sampling: every score ties, so the generator's tie keys decide."""
+
+    name = "random"
+
+    def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
+        return np.zeros(len(chunk["ids"]))
+
+
+class LeastConfidence(ScoreStrategy):
+    """Least confidence: ``1 - max_k p_k``."""
+
+    name = "least-confidence"
+    outputs = ("probs",)
+
+    def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
+        return 1.0 - chunk["probs"].max(axis=1)
+
+
+class Margin(ScoreStrategy):
+    """Smallest margin: ``-(p_(1) - p_(2))``, the gap between the two most likely classes."""
+
+    name = "margin"
+    outputs = ("probs",)
+
+    def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
+        top2 = np.partition(chunk["probs"], -2, axis=1)[:, -2:]
+        return top2[:, 0] - top2[:, 1]
+
+
+class Entropy(ScoreStrategy):
+    """Predictive entropy ``-sum_k p_k log p_k`` (0 log 0 = 0)."""
+
+    name = "entropy"
+    outputs = ("probs",)
+
+    def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
+        return entr(chunk["probs"]).sum(axis=1)

@@ -1,0 +1,29 @@
+from typer.testing import CliRunner
+
+from dynal.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_end_to_end_reduced(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--seeds", "1", "--rounds", "1", "--epochs", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    for name in ("dynamical", "random", "entropy", "margin", "AUBC"):
+        assert name in result.output
+    assert (out / "learning_curve.png").exists() and (out / "results.jsonl").exists()
+    again = runner.invoke(app, ["report", str(out)])
+    assert again.exit_code == 0 and "AUBC" in again.output
+
+
+def test_run_and_list(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'name = "c"\ninitial = 4\nbudget = 2\nrounds = 1\n[dataset]\nname = "blobs"\nn = 60\n'
+        '[model]\nname = "mlp"\nhidden = [4]\n[train]\nepochs = 1\n[[strategies]]\nname = "entropy"\n'
+    )
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "entropy" in result.output
+    listing = runner.invoke(app, ["list"])
+    assert "dynamical" in listing.output and "fashion-mnist" in listing.output

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dynal.engine import Context, StreamingTopK, labeled_stats, pool_chunks, tie_keys
+from dynal.models import MLP
+from dynal.strategies import DynamicAL
+
+
+def _autograd_head_grads(model, X, y):
+    """Per-sample gradient of the loss w.r.t. the head's weight and bias, one sample at a time."""
+    grads = []
+    for x, t in zip(torch.from_numpy(X), torch.from_numpy(y)):
+        model.zero_grad()
+        F.cross_entropy(model(x[None]), t[None]).backward()
+        parts = [model.head.weight.grad.flatten()]
+        if model.head.bias is not None:
+            parts.append(model.head.bias.grad)
+        grads.append(torch.cat(parts).double().clone())
+    return torch.stack(grads)
+
+
+def _random_problem(bias=True, seed=0):
+    torch.manual_seed(seed)
+    model = MLP((5,), 4, hidden=[7])
+    if not bias:
+        model.head = torch.nn.Linear(7, 4, bias=False)
+    model.eval()
+    rng = np.random.default_rng(seed)
+    X_lab, y_lab = rng.normal(size=(9, 5)).astype(np.float32), rng.integers(0, 4, 9)
+    X_pool = rng.normal(size=(13, 5)).astype(np.float32)
+    return model, X_lab, y_lab, X_pool
+
+
+def _engine_scores(model, X_lab, y_lab, X_pool, strategy, chunk_size=4):
+    stats = labeled_stats(model, strategy.labeled, X_lab, y_lab, batch_size=4)
+    ctx = Context(model, stats, torch.Generator())
+    chunks = pool_chunks(model, X_pool, np.arange(len(X_pool)), strategy.outputs, ctx, chunk_size)
+    return np.concatenate([strategy.score(c, stats) for c in chunks])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_last_layer_closed_forms_equal_autograd(bias):
+    model, X_lab, y_lab, X_pool = _random_problem(bias)
+    with torch.no_grad():
+        pseudo = model(torch.from_numpy(X_pool)).argmax(1).numpy()
+    g_pool = _autograd_head_grads(model, X_pool, pseudo)
+    G_S = _autograd_head_grads(model, X_lab, y_lab).sum(0)
+    norm_sq = (g_pool**2).sum(1).numpy()
+    cross = (g_pool @ G_S).numpy()
+
+    got_norm = _engine_scores(model, X_lab, y_lab, X_pool, DynamicAL(train_term=0.0))
+    np.testing.assert_allclose(got_norm, norm_sq, rtol=1e-5)
+    got = _engine_scores(model, X_lab, y_lab, X_pool, DynamicAL(train_term=2.0))
+    np.testing.assert_allclose(got, norm_sq + 2 * cross, rtol=1e-5, atol=1e-7 * np.abs(cross).max())
+    # the score is the exact gain G(S + {u}) - G(S)
+    gain = ((G_S + g_pool) ** 2).sum(1) - (G_S**2).sum()
+    np.testing.assert_allclose(got, gain.numpy(), rtol=1e-5, atol=1e-6 * float((G_S**2).sum()))
+
+
+def test_expected_pseudo_label_is_the_expectation_over_p():
+    model, X_lab, y_lab, X_pool = _random_problem(seed=3)
+    with torch.no_grad():
+        p = torch.softmax(model(torch.from_numpy(X_pool)).double(), 1).numpy()
+    G_S = _autograd_head_grads(model, X_lab, y_lab).sum(0)
+    expected = np.zeros(len(X_pool))
+    for k in range(p.shape[1]):
+        g = _autograd_head_grads(model, X_pool, np.full(len(X_pool), k))
+        expected += p[:, k] * (((g**2).sum(1) + 2 * (g @ G_S)).numpy())
+    got = _engine_scores(model, X_lab, y_lab, X_pool, DynamicAL(pseudo_label="expected"))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_chunks_cover_each_row_once_and_respect_rows():
+    model, _, _, X_pool = _random_problem()
+    ctx = Context(model, {}, torch.Generator())
+    rows = np.array([12, 0, 5, 7, 3])
+    chunks = list(pool_chunks(model, X_pool, rows + 100, ["probs", "features"], ctx, 2, rows=rows))
+    assert [len(c["ids"]) for c in chunks] == [2, 2, 1]
+    ids = np.concatenate([c["ids"] for c in chunks])
+    np.testing.assert_array_equal(ids, rows + 100)
+    probs = np.concatenate([c["probs"] for c in chunks])
+    with torch.no_grad():
+        ref = torch.softmax(model(torch.from_numpy(X_pool[rows])).double(), 1).numpy()
+    np.testing.assert_allclose(probs, ref, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown pool outputs"):
+        list(pool_chunks(model, X_pool, np.arange(13), ["gradz"], ctx))
+
+
+def _brute_topk(ids, scores, k, salt):
+    keys = tie_keys(ids, salt)
+    order = sorted(range(len(ids)), key=lambda i: (-scores[i], -int(keys[i])))
+    return ids[order[:k]]
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 50, 200])
+def test_streaming_topk_matches_brute_force_in_any_order(k):
+    rng = np.random.default_rng(k)
+    ids = rng.permutation(10_000)[:150].astype(np.int64)
+    scores = rng.integers(0, 10, 150).astype(float)  # many ties
+    expected = _brute_topk(ids, scores, k, salt=99)
+    for trial in range(3):
+        perm = rng.permutation(150)
+        topk = StreamingTopK(k, salt=99)
+        for part in np.array_split(perm, 1 + trial * 4):
+            topk.push(ids[part], scores[part])
+        got, got_scores = topk.result()
+        np.testing.assert_array_equal(got, expected)
+        assert np.all(np.diff(got_scores) <= 0)
+
+
+def test_streaming_topk_rejects_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        StreamingTopK(2, 0).push(np.arange(3), np.array([0.0, np.nan, 1.0]))
+
+
+def test_tie_keys_depend_on_salt_not_position():
+    ids = np.arange(100)
+    a, b = tie_keys(ids, 1), tie_keys(ids[::-1], 1)
+    np.testing.assert_array_equal(a, b[::-1])
+    assert not np.array_equal(a, tie_keys(ids, 2))
+    assert len(np.unique(a)) == 100

@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+
+from dynal import ActiveLearner, TrainConfig, make_strategy, model_factory
+
+
+@pytest.fixture
+def learner(blobs, mlp_factory):
+    return ActiveLearner(blobs.train, mlp_factory, "entropy", blobs.n_classes, TrainConfig(epochs=2), rng=0)
+
+
+def test_labeled_set_grows_by_budget_and_labels_carry_rounds(learner):
+    init = learner.initialize(10)
+    assert len(init) == 10
+    for rnd in (1, 2, 3):
+        learner.fit()
+        q = learner.query(7)
+        assert q.round == rnd
+        learner.update(q.ids)
+        assert len(learner.labeled_ids()) == 10 + 7 * rnd
+        assert {learner.state.rounds[i] for i in q.ids.tolist()} == {rnd}
+    assert {learner.state.rounds[i] for i in init.tolist()} == {0}
+    ids = learner.labeled_ids()
+    np.testing.assert_array_equal(learner.labels(), learner.pool.y[learner.pool.positions(ids)])
+
+
+def test_update_rejects_bad_ids_and_labels(learner, blobs):
+    learner.initialize(blobs.train.ids[:5])
+    with pytest.raises(KeyError, match="not in the pool"):
+        learner.update(np.array([10**9]))
+    with pytest.raises(ValueError, match="already labeled"):
+        learner.update(blobs.train.ids[:2])
+    with pytest.raises(ValueError, match="duplicates"):
+        learner.update(blobs.train.ids[[7, 7]])
+    with pytest.raises(ValueError, match="outside the class range"):
+        learner.update(blobs.train.ids[[8]], np.array([3]))
+    with pytest.raises(ValueError, match="1 ids but 2 labels"):
+        learner.update(blobs.train.ids[[8]], np.array([0, 1]))
+    # nothing was stored by the failed calls
+    assert len(learner.labeled_ids()) == 5
+    learner.update(blobs.train.ids[[8]], np.array([2]))
+    assert learner.state.labels[int(blobs.train.ids[8])] == 2
+
+
+def test_ignored_ids_leave_the_pool(learner, blobs):
+    learner.initialize(blobs.train.ids[:5])
+    learner.ignore(blobs.train.ids[5:50])
+    learner.fit()
+    q = learner.query(20)
+    assert not np.isin(q.ids, blobs.train.ids[:50]).any()
+    assert len(learner.unlabeled_ids()) == len(blobs.train) - 50
+
+
+def test_initial_set_missing_classes_keeps_all_outputs(blobs, mlp_factory):
+    only_zero = blobs.train.ids[blobs.train.y == 0][:6]
+    learner = ActiveLearner(blobs.train, mlp_factory, "dynamical", blobs.n_classes, TrainConfig(epochs=2), rng=0)
+    learner.initialize(only_zero)
+    learner.fit()
+    assert learner.model.head.out_features == blobs.n_classes
+    assert len(learner.query(5).ids) == 5
+
+
+def test_human_labels_without_oracle(blobs, mlp_factory):
+    from dynal import Split
+
+    unlabeled = Split(blobs.train.ids, blobs.train.X, None)
+    learner = ActiveLearner(unlabeled, mlp_factory, "margin", blobs.n_classes, TrainConfig(epochs=2), rng=0)
+    with pytest.raises(ValueError, match="no oracle"):
+        learner.initialize(4)
+    learner.initialize(blobs.train.ids[:4], labels=np.array([0, 1, 2, 0]))
+    learner.fit()
+    q = learner.query(3)
+    learner.update(q.ids, labels=np.array([1, 1, 2]))
+    assert len(learner.labeled_ids()) == 7
+
+
+def test_call_order_and_names_are_checked(blobs, mlp_factory):
+    learner = ActiveLearner(blobs.train, mlp_factory, "random", blobs.n_classes, rng=0)
+    with pytest.raises(ValueError, match="initialize"):
+        learner.fit()
+    learner.initialize(3)
+    with pytest.raises(ValueError, match="fit"):
+        learner.query(2)
+    with pytest.raises(ValueError, match="already initialized"):
+        learner.initialize(3)
+    with pytest.raises(ValueError, match="choose one of"):
+        make_strategy("coresets")
+    with pytest.raises(ValueError, match="no parameter"):
+        make_strategy("entropy", temperature=2)
+    with pytest.raises(ValueError, match="train_term"):
+        make_strategy("dynamical", train_term=-1)
+
+
+def test_same_seed_same_training(blobs):
+    factory = model_factory("mlp", blobs.input_shape, blobs.n_classes, hidden=[8], dropout=0.2)
+    accs = []
+    for _ in range(2):
+        learner = ActiveLearner(blobs.train, factory, "random", blobs.n_classes, TrainConfig(epochs=3, val_fraction=0.25), rng=7)
+        learner.initialize(40)
+        result = learner.fit()
+        accs.append((result.history, learner.evaluate(blobs.test.X, blobs.test.y)))
+    assert accs[0] == accs[1]
+
+
+def test_warm_start_keeps_the_model_and_reinit_replaces_it(blobs, mlp_factory):
+    for warm in (True, False):
+        learner = ActiveLearner(blobs.train, mlp_factory, "random", blobs.n_classes, TrainConfig(epochs=1, warm_start=warm), rng=0)
+        learner.initialize(10)
+        learner.fit()
+        first = learner.model
+        learner.fit()
+        assert (learner.model is first) == warm
