@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dynal.engine.param_grads import ParamGradStats, param_grad_sum
+
 
 @dataclass
 class Context:
@@ -27,6 +29,7 @@ class Context:
     stats: dict[str, Any]
     generator: torch.Generator
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # per-query state shared across chunks
 
 
 class Chunk:
@@ -71,12 +74,22 @@ def _last_layer_grad(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     return {"r": residuals(p, p.argmax(1)).numpy(), "h": chunk.features.double().numpy()}
 
 
+def _param_grad_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
+    """All-parameter ``||g_u||^2`` and ``<g_u, G_S>`` (options: ``pseudo_label``)."""
+    if "param_grad_stats" not in ctx.cache:
+        ctx.cache["param_grad_stats"] = ParamGradStats(ctx.model, ctx.stats.get("G_S"))
+    opts = ctx.options.get("param_grad_stats", {})
+    norm, cross = ctx.cache["param_grad_stats"](chunk.x, pseudo_label=opts.get("pseudo_label", "argmax"))
+    return {"grad_norm_sq": norm.numpy(), "grad_dot_labeled": cross.numpy()}
+
+
 PoolOutput = Callable[[Chunk, Context], dict[str, np.ndarray]]
 
 POOL_OUTPUTS: dict[str, PoolOutput] = {
     "probs": _probs,
     "features": _features,
     "last_layer_grad": _last_layer_grad,
+    "param_grad_stats": _param_grad_stats,
 }
 
 
@@ -100,4 +113,5 @@ LabeledStat = Callable[[nn.Module, np.ndarray, np.ndarray, int], dict[str, Any]]
 
 LABELED_STATS: dict[str, LabeledStat] = {
     "last_layer_grad_sum": last_layer_grad_sum,
+    "param_grad_sum": param_grad_sum,
 }

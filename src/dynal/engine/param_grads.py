@@ -1,0 +1,296 @@
+"""Per-sample gradient statistics over all trainable parameters, never materializing a
+per-sample gradient of the whole network.
+
+For a batch of pool samples and, per sample, a fixed logit-gradient ``r`` (``p - e_y`` for the
+cross-entropy loss at label ``y``), this computes
+
+- ``||g_u||^2``, the squared norm of the per-sample parameter gradient, and
+- ``<g_u, G>`` for a fixed parameter-space vector ``G`` (the labeled set's summed gradient),
+
+from one forward pass and one backward pass to the layer outputs. Each covered layer's
+per-sample gradient is built from its input and its output gradient, reduced to the two
+numbers above and discarded, so memory is one layer of one sub-chunk at a time:
+
+- ``nn.Linear`` on (N, d) inputs: ``g = delta a^T``, so ``||g||^2 = ||a||^2 ||delta||^2`` and
+  ``<g, G_W> = delta^T G_W a`` (bias: ``delta``).
+- ``nn.Conv2d`` (zero padding, one group): ``g = sum_p delta_p u_p^T`` over output positions
+  ``p`` with ``u_p`` the unfolded input patch, computed as one batched matrix product.
+- ``nn.BatchNorm2d`` in eval mode: ``g_gamma = sum_hw delta * xhat`` and ``g_beta = sum_hw delta``
+  with ``xhat`` normalized by the running statistics; exact per sample (the official code's
+  chunk-mean shortcut is not used).
+
+Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), with a
+warning naming the layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+# Largest per-sample-gradient block built at once for one layer, in elements (256 MB of float32).
+_BLOCK_ELEMENTS = 1 << 26
+
+
+def _covered(module: nn.Module) -> bool:
+    """Whether the fast path computes this module's per-sample gradients exactly."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    if isinstance(module, nn.BatchNorm2d):
+        return module.affine and module.track_running_stats and module.running_var is not None
+    return False
+
+
+def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """Covered modules (with trainable parameters) and the names of all other trainable parameters."""
+    covered, other = [], []
+    for mname, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if _covered(module) and len(own) == len(list(module.parameters(recurse=False))):
+            covered.append((mname, module))
+        else:
+            other += [f"{mname}.{n}" if mname else n for n, _ in own]
+    return covered, other
+
+
+def param_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """``G_S``: the labeled set's summed true-label loss gradient over all trainable parameters.
+
+    Computed in eval mode in mini-batches with sum reduction (the same vector as a loop over
+    single samples). Returned as ``{"G_S": {parameter name: tensor}}``.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    model.eval()
+    for i in range(0, len(X), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))
+        t = torch.from_numpy(np.asarray(y[i : i + batch_size], dtype=np.int64))
+        loss = F.cross_entropy(model(x), t, reduction="sum")
+        for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+            total[n] += g.double()
+    return {"G_S": {n: g.float() for n, g in total.items()}}
+
+
+@contextmanager
+def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[list]]:
+    """Record each module's input (detached), output (attached) and the output's version.
+
+    With ``clone``, later layers get a copy of each output, so in-place operations downstream
+    (such as ``ReLU(inplace=True)``) cannot rewrite the recorded tensor.
+    """
+    records: list[list] = [[] for _ in modules]
+
+    def hook(i: int):
+        def fn(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            records[i] += [inputs[0].detach(), output, output._version]
+            return output.clone() if clone else None
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _linear_stats(m: nn.Linear, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.dim() != 2:  # a sequence axis: per-sample gradient sums over positions
+        a, d = a.flatten(1, -2), d.flatten(1, -2)
+        gw = torch.bmm(d.transpose(1, 2), a)
+        norm = gw.pow(2).sum((1, 2))
+        cross = (gw * G["weight"]).sum((1, 2)) if G is not None else None
+        db = d.sum(1)
+    else:
+        norm = a.pow(2).sum(1) * d.pow(2).sum(1)
+        cross = ((d @ G["weight"]) * a).sum(1) if G is not None else None
+        db = d
+    if m.bias is not None:
+        norm = norm + db.pow(2).sum(1)
+        if G is not None:
+            cross = cross + db @ G["bias"]
+    return norm, cross
+
+
+def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample statistics of a convolution.
+
+    The per-sample weight gradient is ``D_u U_u^T`` (output gradient times unfolded input,
+    C_out x L times L x C_in k^2). Early layers (many positions L) build it as one grouped
+    weight-gradient convolution, one group per sample; late layers (L (C_out + C_in k^2) <
+    C_out C_in k^2, the cheaper side of the two costs) use
+    the Gram form ``||D U^T||^2 = sum((D^T D) * (U^T U))`` and never build it.
+    """
+    n, c_out = d.shape[:2]
+    positions = d.shape[2] * d.shape[3]
+    patch = m.weight[0].numel()  # C_in * kernel area
+    norms, crosses = [], []
+    if positions * (c_out + patch) < c_out * patch:
+        step = max(1, _BLOCK_ELEMENTS // (positions * (positions + patch)))
+        for i in range(0, n, step):
+            u = F.unfold(a[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride)
+            dd = d[i : i + step].flatten(2)
+            norms.append((torch.bmm(dd.transpose(1, 2), dd) * torch.bmm(u.transpose(1, 2), u)).sum((1, 2)))
+        if G is not None:
+            out = F.conv2d(a, G["weight"], None, m.stride, m.padding, m.dilation)
+            crosses.append((out * d).sum((1, 2, 3)))
+    else:
+        step = max(1, _BLOCK_ELEMENTS // (c_out * patch))
+        Gw = G["weight"].flatten() if G is not None else None
+        for i in range(0, n, step):
+            k = len(a[i : i + step])
+            gw = torch.ops.aten.convolution_backward(
+                d[i : i + step].reshape(1, k * c_out, *d.shape[2:]),
+                a[i : i + step].reshape(1, -1, *a.shape[2:]),
+                m.weight.detach().repeat(k, 1, 1, 1),
+                None, m.stride, m.padding, m.dilation, False, [0, 0], k, [False, True, False],
+            )[1].view(k, -1)
+            norms.append(torch.linalg.vector_norm(gw, dim=1).square())
+            if Gw is not None:
+                crosses.append(gw @ Gw)
+    norm = torch.cat(norms)
+    cross = torch.cat(crosses) if G is not None else None
+    if m.bias is not None:
+        db = d.sum((2, 3))
+        norm = norm + db.pow(2).sum(1)
+        if G is not None:
+            cross = cross + db @ G["bias"]
+    return norm, cross
+
+
+def _bn_stats(m: nn.BatchNorm2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, -1, 1, 1)
+    xhat = (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+    g_weight, g_bias = (d * xhat).sum((2, 3)), d.sum((2, 3))
+    norm = g_weight.pow(2).sum(1) + g_bias.pow(2).sum(1)
+    cross = g_weight @ G["weight"] + g_bias @ G["bias"] if G is not None else None
+    return norm, cross
+
+
+def _layer_stats(m: nn.Module, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(m, nn.Linear):
+        return _linear_stats(m, a, d, G)
+    if isinstance(m, nn.Conv2d):
+        return _conv_stats(m, a, d, G)
+    return _bn_stats(m, a, d, G)
+
+
+class ParamGradStats:
+    """Per-sample ``||g_u||^2`` and ``<g_u, G>`` over a model's trainable parameters.
+
+    Parameters
+    ----------
+    model : the network, used in eval mode
+    G : the fixed vector as ``{parameter name: tensor}``, or ``None`` to skip the cross term
+    """
+
+    def __init__(self, model: nn.Module, G: dict[str, torch.Tensor] | None) -> None:
+        self.model = model
+        self.clone_outputs = False
+        self.covered, self.other = split_parameters(model)
+        if not self.covered and not self.other:
+            raise ValueError("the model has no trainable parameters")
+        if self.other:
+            warnings.warn(
+                "params='all': no fast per-sample gradient for "
+                + ", ".join(sorted({self._owner(n) for n in self.other}))
+                + "; using the slower torch.func path for those parameters",
+                stacklevel=3,
+            )
+        self.G_layers = None
+        if G is not None:
+            self.G_layers = [
+                {n: G[f"{name}.{n}" if name else n] for n, p in m.named_parameters(recurse=False) if p.requires_grad}
+                for name, m in self.covered
+            ]
+        self.G_other = {n: G[n] for n in self.other} if G is not None else None
+
+    def _forward(self, x: torch.Tensor, modules: list[nn.Module], clone: bool) -> tuple[torch.Tensor, list[list]]:
+        with torch.enable_grad(), _record_layers(modules, clone) as records:
+            logits = self.model(x)
+        for (name, _), rec in zip(self.covered, records):
+            if len(rec) != 3:
+                raise ValueError(f"layer {name!r} runs {len(rec) // 3} times per forward pass; params='all' needs each layer once")
+        return logits, records
+
+    def _owner(self, param_name: str) -> str:
+        mname = param_name.rpartition(".")[0]
+        module = self.model.get_submodule(mname) if mname else self.model
+        return f"{mname or 'model'} ({type(module).__name__})"
+
+    def __call__(self, x: torch.Tensor, residuals: Sequence[torch.Tensor] | None = None, weights: torch.Tensor | None = None,
+                 pseudo_label: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:
+        """Statistics for a batch ``x``.
+
+        With ``pseudo_label="argmax"`` the gradient is taken at the model's predicted class;
+        with ``"expected"`` both statistics are averaged over ``y ~ p`` (K backward passes).
+
+        Returns
+        -------
+        norm_sq, cross : (N,) float64 tensors (``cross`` is zeros when ``G`` is None)
+        """
+        self.model.eval()
+        modules = [m for _, m in self.covered]
+        logits, records = self._forward(x, modules, clone=self.clone_outputs)
+        if any(rec[1]._version != rec[2] for rec in records):
+            self.clone_outputs = True  # an in-place op rewrote a layer output: redo with copies
+            logits, records = self._forward(x, modules, clone=True)
+        p = F.softmax(logits.detach().double(), dim=1)
+        if pseudo_label == "argmax":
+            labels, label_weights = [p.argmax(1)], [torch.ones(len(x), dtype=torch.float64)]
+        elif pseudo_label == "expected":
+            labels = [torch.full((len(x),), k) for k in range(p.shape[1])]
+            label_weights = [p[:, k] for k in range(p.shape[1])]
+        else:
+            raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {pseudo_label!r}")
+        norm = torch.zeros(len(x), dtype=torch.float64)
+        cross = torch.zeros(len(x), dtype=torch.float64)
+        outs = [rec[1] for rec in records]
+        for j, (lab, w) in enumerate(zip(labels, label_weights)):
+            r = p.clone()
+            r[torch.arange(len(x)), lab] -= 1.0
+            r = r.float()
+            last = j == len(labels) - 1
+            deltas = torch.autograd.grad(logits, outs, grad_outputs=r, retain_graph=not last) if outs else []
+            with torch.no_grad():
+                for i, (m, rec, d) in enumerate(zip(modules, records, deltas)):
+                    n_l, c_l = _layer_stats(m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None)
+                    norm += w * n_l.double()
+                    if c_l is not None:
+                        cross += w * c_l.double()
+            if self.other:
+                n_o, c_o = self._other_stats(x, r)
+                norm += w * n_o
+                cross += w * c_o
+        return norm, cross
+
+    def _other_stats(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample statistics of the uncovered parameters via ``vmap(grad)``."""
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        fixed = {n: p.detach() for n, p in params.items() if n not in self.other}
+        free = {n: params[n].detach() for n in self.other}
+
+        def surrogate(free_params: dict[str, torch.Tensor], xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
+            # d/dtheta <logits, r> = J^T r: the cross-entropy gradient when r = p - e_y
+            out = functional_call(self.model, {**fixed, **free_params, **buffers}, (xi[None],))
+            return (out[0] * ri).sum()
+
+        g = vmap(grad(surrogate), in_dims=(None, 0, 0))(free, x, r)
+        norm = sum(v.flatten(1).pow(2).sum(1) for v in g.values()).double()
+        if self.G_other is None:
+            return norm, torch.zeros_like(norm)
+        cross = sum(v.flatten(1) @ self.G_other[n].flatten() for n, v in g.items()).double()
+        return norm, cross
