@@ -74,6 +74,28 @@ def report(
     typer.echo(f"plot: {plot(records, plot_path or base / 'learning_curve.png')}")
 
 
+@app.command("approx-ratio")
+def approx_ratio(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment config (TOML): data, model, training, rounds."),
+    budgets: str = typer.Option("1,5,10,20,50", help="Comma-separated query sizes b for the whole pool."),
+    tiny_pool: int = typer.Option(16, min=2, max=20, help="Sub-pool size for the exhaustive optimum (<= 20)."),
+    tiny_budgets: str = typer.Option("2,3,4", help="Comma-separated b (<= 4) for the exhaustive optimum; empty to skip."),
+    seed: Optional[int] = typer.Option(None, help="Seed (default: the config's first)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """The paper's RQ2: G(S + top-b) against greedy and the exhaustive optimum, per round and b."""
+    from dynal.approximation import approximation_study, ratio_table
+
+    def ints(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+    records = approximation_study(ExperimentConfig.from_toml(config), ints(budgets), tiny_pool, ints(tiny_budgets), seed, progress)
+    typer.echo(ratio_table(records))
+
+
 @app.command("list")
 def list_names() -> None:
     """List the builtin datasets, models and strategies."""

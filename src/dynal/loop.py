@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from dynal.engine.outputs import Context
 from dynal.engine.pool import labeled_stats, pool_chunks
 from dynal.resources import Measure
 from dynal.strategies import Strategy, make_strategy
+from dynal.strategies.base import gather
 from dynal.training import FitResult, TrainConfig, build_model, evaluate, fit, seed_from
 
 Oracle = Callable[[np.ndarray], np.ndarray]
@@ -211,18 +212,31 @@ class ActiveLearner:
             if budget == 0:
                 ids, scores = np.empty(0, dtype=np.int64), np.empty(0)
             else:
-                lab_ids = self.labeled_ids()
-                stats = labeled_stats(self.model, strategy.labeled, self.pool.X[self.pool.positions(lab_ids)], self.labels())
-                gen = torch.Generator().manual_seed(seed_from(self.rng))
-                ctx = Context(self.model, stats, gen, strategy.output_options())
-                rows = self.pool.positions(pool_ids)
-                chunks = pool_chunks(self.model, self.pool.X, pool_ids, strategy.outputs, ctx, self.chunk_size, self.progress, rows)
+                chunks, stats = self._pass(pool_ids, strategy.outputs, strategy.labeled, strategy.output_options())
                 ids, scores = strategy.select(chunks, stats, budget, self.rng)
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) != budget or len(np.unique(ids)) != len(ids) or np.isin(ids, self.state.excluded()).any():
             raise RuntimeError(f"strategy {strategy.name!r} broke the contract: {len(ids)} ids for budget {budget}")
         self.round += 1
         return Query(ids, np.asarray(scores, dtype=np.float64), self.round, strategy.config(), m.seconds, m.peak_bytes)
+
+    def _pass(self, pool_ids: np.ndarray, outputs: Sequence[str], labeled: Sequence[str],
+              options: Mapping[str, Mapping[str, Any]]) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, Any]]:
+        """The labeled-set statistics and a lazy pass over ``pool_ids`` computing ``outputs``."""
+        assert self.model is not None
+        stats = labeled_stats(self.model, labeled, self.pool.X[self.pool.positions(self.labeled_ids())], self.labels())
+        ctx = Context(self.model, stats, torch.Generator().manual_seed(seed_from(self.rng)), options)
+        rows = self.pool.positions(pool_ids)
+        return pool_chunks(self.model, self.pool.X, pool_ids, outputs, ctx, self.chunk_size, self.progress, rows), stats
+
+    def scan(self, outputs: Sequence[str], labeled: Sequence[str] = (),
+             options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Compute pool outputs for the whole unlabeled pool (with ``ids``) and labeled-set
+        statistics, e.g. ``scan(["probs"])``; for inspection and analysis, not for querying."""
+        if self.model is None:
+            raise ValueError("no model yet: call fit() first")
+        chunks, stats = self._pass(self.unlabeled_ids(), outputs, labeled, options or {})
+        return gather(chunks), stats
 
     def update(self, ids: np.ndarray, labels: np.ndarray | None = None) -> None:
         """Record labels for pool ids (from ``labels`` or the oracle), stamped with the current round."""

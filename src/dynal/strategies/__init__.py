@@ -6,11 +6,11 @@ import inspect
 from typing import Any
 
 from dynal.strategies.base import ScoreStrategy, Strategy
-from dynal.strategies.gradient import DynamicAL
+from dynal.strategies.gradient import DynamicAL, DynamicALGreedy
 from dynal.strategies.uncertainty import Entropy, LeastConfidence, Margin, RandomSampling
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy, DynamicAL)
+    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy, DynamicAL, DynamicALGreedy)
 }
 
 
@@ -30,4 +30,4 @@ def make_strategy(name: str | Strategy, **params: Any) -> Strategy:
     return cls(**params)
 
 
-__all__ = ["STRATEGIES", "DynamicAL", "Entropy", "LeastConfidence", "Margin", "RandomSampling", "ScoreStrategy", "Strategy", "make_strategy"]
+__all__ = ["STRATEGIES", "DynamicAL", "DynamicALGreedy", "Entropy", "LeastConfidence", "Margin", "RandomSampling", "ScoreStrategy", "Strategy", "make_strategy"]

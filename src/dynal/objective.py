@@ -1,0 +1,91 @@
+"""The exact dynamicAL set objective on the last layer, its greedy maximizer and the optimum.
+
+With last-layer gradient factors ``r`` (N x K, ``p - e_y``) and ``h`` (N x d), a sample's
+gradient is ``g_u = (r_u h_u^T, r_u)`` and the labeled set's is ``G_S = (A, a)``. Then
+
+    G(S + Q) = ||A + sum_Q r_u h_u^T||_F^2 + ||a + sum_Q r_u||^2
+    <g_u, g_v> = (r_u^T r_v) (h_u^T h_v + 1)
+
+(drop the bias parts without a bias), so no N x (K d) matrix is ever formed.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+
+
+def set_value(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, chosen: np.ndarray) -> float:
+    """``G(S + Q) = ||G_S + sum_{u in Q} g_u||^2`` for the rows ``chosen`` of ``r`` and ``h``."""
+    rq, hq = r[chosen], h[chosen]
+    value = float(np.sum((A + rq.T @ hq) ** 2))
+    if bias:
+        value += float(np.sum((a + rq.sum(0)) ** 2))
+    return value
+
+
+def single_gains(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool) -> np.ndarray:
+    """``G(S + {u}) - G(S) = ||g_u||^2 + 2 <g_u, G_S>`` for every row."""
+    b = 1.0 if bias else 0.0
+    return np.einsum("nk,nk->n", r, r) * (np.einsum("nd,nd->n", h, h) + b) + 2 * np.einsum("nk,nk->n", r, h @ A.T + b * a)
+
+
+def _argmax(values: np.ndarray, keys: np.ndarray, available: np.ndarray) -> int:
+    """Index of the largest value among ``available`` rows, ties to the largest key."""
+    masked = np.where(available, values, -np.inf)
+    best = np.flatnonzero(masked == masked.max())
+    return int(best[np.argmax(keys[best])])
+
+
+def greedy(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, budget: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy maximization of ``G(S + Q)``: each step adds the sample with the largest marginal
+    gain ``||g_u||^2 + 2 <R, g_u>``, ``R = G_S + sum of the chosen gradients``.
+
+    Gains are updated with the factorized inner product in O(N (K + d)) per step.
+
+    Returns
+    -------
+    rows, gains : chosen rows in pick order and each one's marginal gain when picked
+    """
+    b = 1.0 if bias else 0.0
+    gains = single_gains(r, h, A, a, bias)
+    available = np.ones(len(r), dtype=bool)
+    rows, picked_gains = [], []
+    for _ in range(min(budget, len(r))):
+        j = _argmax(gains, keys, available)
+        rows.append(j)
+        picked_gains.append(gains[j])
+        available[j] = False
+        gains = gains + 2 * (r @ r[j]) * (h @ h[j] + b)
+    return np.array(rows, dtype=np.int64), np.array(picked_gains)
+
+
+def marginal_gains(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, rows: np.ndarray) -> np.ndarray:
+    """The gain each of ``rows`` adds to ``G`` when they are added in order (O(b K d))."""
+    b = 1.0 if bias else 0.0
+    M, m = A.astype(np.float64), a.astype(np.float64) * b
+    gains = np.empty(len(rows))
+    for i, j in enumerate(rows):
+        gains[i] = (r[j] @ r[j]) * (h[j] @ h[j] + b) + 2 * (r[j] @ (M @ h[j]) + b * (r[j] @ m))
+        M = M + np.outer(r[j], h[j])
+        m = m + r[j]
+    return gains
+
+
+def top_b(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, budget: int, keys: np.ndarray) -> np.ndarray:
+    """Rows of the ``budget`` largest single gains (dynamicAL's query), ties to larger keys."""
+    gains = single_gains(r, h, A, a, bias)
+    return np.lexsort((~keys, -gains))[:budget]
+
+
+def exhaustive(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, budget: int) -> tuple[np.ndarray, float]:
+    """The optimum of ``G(S + Q)`` over all subsets of size ``budget`` (for tiny pools)."""
+    if len(r) > 20 or budget > 4:
+        raise ValueError(f"exhaustive search is for N <= 20 and b <= 4, got N={len(r)}, b={budget}")
+    best, best_value = None, -np.inf
+    for q in combinations(range(len(r)), budget):
+        value = set_value(r, h, A, a, bias, np.array(q))
+        if value > best_value:
+            best, best_value = np.array(q), value
+    return best, best_value

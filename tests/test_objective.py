@@ -1,0 +1,111 @@
+"""The exact set objective, greedy, exhaustive optimum and the approximation ratio."""
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dynal.engine.topk import tie_keys
+from dynal.models import MLP
+from dynal.objective import exhaustive, greedy, marginal_gains, set_value, single_gains, top_b
+
+
+def _factors(n=12, k=3, d=4, seed=0, bias=True):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k)) * 2
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    r = p.copy()
+    r[np.arange(n), p.argmax(1)] -= 1
+    h = rng.normal(size=(n, d))
+    A, a = rng.normal(size=(k, d)) * 0.5, rng.normal(size=k) * 0.5
+    return r, h, A, a if bias else np.zeros(k), tie_keys(np.arange(n), 7)
+
+
+def test_set_value_equals_materialized_gradients():
+    torch.manual_seed(0)
+    model = MLP((3,), 4, hidden=[5]).eval()
+    X = torch.randn(9, 3)
+    y = torch.randint(0, 4, (9,))
+    flat = []
+    for x, t in zip(X, y):
+        model.zero_grad()
+        F.cross_entropy(model(x[None]), t[None]).backward()
+        flat.append(torch.cat([model.head.weight.grad.flatten(), model.head.bias.grad]).double().numpy())
+    flat = np.array(flat)
+    with torch.no_grad():
+        h = model.features(X).double().numpy()
+        p = torch.softmax(model(X).double(), 1).numpy()
+    r = p.copy()
+    r[np.arange(9), y.numpy()] -= 1
+    S, pool = np.arange(4), np.arange(4, 9)
+    A, a = r[S].T @ h[S], r[S].sum(0)
+    for q in ([4], [5, 7], [4, 6, 8]):
+        expected = float(np.sum((flat[S].sum(0) + flat[q].sum(0)) ** 2))
+        assert set_value(r, h, A, a, True, np.array(q)) == pytest.approx(expected, rel=1e-6)
+    gains = single_gains(r[pool], h[pool], A, a, True)
+    base = float(np.sum(flat[S].sum(0) ** 2))
+    np.testing.assert_allclose(gains, [np.sum((flat[S].sum(0) + flat[u]) ** 2) - base for u in pool], rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(25))
+@pytest.mark.parametrize("bias", [True, False])
+def test_greedy_marginal_gains_and_order(seed, bias):
+    r, h, A, a, keys = _factors(seed=seed, bias=bias)
+    rows, gains = greedy(r, h, A, a, bias, 5, keys)
+    assert len(set(rows.tolist())) == 5
+    np.testing.assert_allclose(gains, marginal_gains(r, h, A, a, bias, rows), rtol=1e-9, atol=1e-12)
+    # each pick is the best marginal gain given the previous picks (brute force)
+    for i in range(5):
+        base = set_value(r, h, A, a, bias, rows[:i])
+        best = max(set_value(r, h, A, a, bias, np.append(rows[:i], u)) - base for u in range(len(r)) if u not in rows[:i])
+        assert gains[i] == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_optimum_bounds_greedy_and_top_b_on_tiny_pools(seed):
+    r, h, A, a, keys = _factors(n=10, seed=seed)
+    for b in (1, 2, 3, 4):
+        opt_rows, opt = exhaustive(r, h, A, a, True, b)
+        brute = max(set_value(r, h, A, a, True, np.array(q)) for q in combinations(range(10), b))
+        assert opt == pytest.approx(brute)
+        g = set_value(r, h, A, a, True, greedy(r, h, A, a, True, b, keys)[0])
+        t = set_value(r, h, A, a, True, top_b(r, h, A, a, True, b, keys))
+        assert opt >= g - 1e-9 and opt >= t - 1e-9
+        if b <= 2:  # the first pick coincides, and the second is the best completion
+            assert g >= t - 1e-9
+    with pytest.raises(ValueError, match="exhaustive"):
+        exhaustive(*_factors(n=21)[:4], True, 2)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_approximation_ratio_is_in_unit_interval(seed):
+    from dynal.approximation import approximation_ratios
+
+    r, h, A, a, keys = _factors(n=14, seed=seed)
+    rows = approximation_ratios(r, h, A, a, True, [1, 2, 3, 4], keys, optimum=True)
+    for row in rows:
+        assert 0 < row["ratio"] <= 1 and 0 < row["ratio_optimum"] <= 1
+        assert row["optimum"] >= max(row["top_b"], row["greedy"]) - 1e-9
+        assert row["ratio"] == pytest.approx(row["top_b"] / row["optimum"])
+    assert rows[0]["ratio"] == pytest.approx(1.0)  # b = 1: top-1 is the optimum
+
+
+def test_approximation_study_and_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynal.cli import app
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'initial = 6\nbudget = 4\nrounds = 1\n[dataset]\nname = "blobs"\nn = 90\n'
+        '[model]\nname = "mlp"\nhidden = [6]\n[train]\nepochs = 2\n[[strategies]]\nname = "dynamical"\n'
+    )
+    result = CliRunner().invoke(app, ["approx-ratio", str(cfg), "--budgets", "1,3", "--tiny-pool", "8", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    lines = [line.split() for line in result.output.splitlines()[1:]]
+    assert len(lines) == 2 * (2 + 3)  # two rounds; budgets 1, 3 and tiny 2, 3, 4
+    assert all(0 < float(line[4]) <= 1 for line in lines)
+    bad = CliRunner().invoke(app, ["approx-ratio", str(cfg), "--budgets", "1,x"])
+    assert bad.exit_code != 0

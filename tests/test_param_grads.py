@@ -1,0 +1,177 @@
+"""All-parameter gradient statistics against a per-sample autograd loop over all parameters."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dynal.engine import Context, labeled_stats, pool_chunks
+from dynal.engine.param_grads import ParamGradStats, param_grad_sum
+from dynal.models import MLP, ResNet18, SmallCNN
+from dynal.strategies import DynamicAL
+
+
+def _flat_grad(model, x, label):
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = F.cross_entropy(model(x[None]), torch.tensor([label]))
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double()
+
+
+def _reference(model, X_lab, y_lab, X_pool, pseudo_label="argmax"):
+    """Batch size 1, every trainable parameter, one sample at a time."""
+    G_S = sum(_flat_grad(model, x, int(t)) for x, t in zip(X_lab, y_lab))
+    norms, cross = [], []
+    for x in X_pool:
+        with torch.no_grad():
+            p = torch.softmax(model(x[None]).double(), 1)[0]
+        labels = [(int(p.argmax()), 1.0)] if pseudo_label == "argmax" else [(k, float(p[k])) for k in range(len(p))]
+        grads = [(w, _flat_grad(model, x, k)) for k, w in labels]
+        norms.append(sum(w * float(g @ g) for w, g in grads))
+        cross.append(sum(w * float(g @ G_S) for w, g in grads))
+    return np.array(norms), np.array(cross)
+
+
+def _with_running_stats(model, shape):
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, *shape) * 2 + 0.5)
+    return model.eval()
+
+
+class InplaceNet(nn.Module):
+    """In-place ReLUs after covered layers, a LayerNorm and a Conv1d (not covered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.norm = nn.LayerNorm(6)
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(12, 3)
+
+    def features(self, x):
+        x = self.relu(self.norm(self.relu(self.fc(x))))
+        return self.relu(self.conv(x[:, None]).flatten(1))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+MODELS = {
+    "mlp": (lambda: MLP((5,), 4, hidden=[7, 6]), (5,)),
+    "cnn-bn": (lambda: SmallCNN((2, 9, 9), 3, width=4, hidden=8), (2, 9, 9)),
+    "resnet": (lambda: ResNet18((3, 8, 8), 5, width=0.0625), (3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("pseudo_label", ["argmax", "expected"])
+def test_all_parameter_statistics_equal_per_sample_autograd(name, pseudo_label):
+    torch.manual_seed(0)
+    make, shape = MODELS[name]
+    model = _with_running_stats(make(), shape)
+    X_lab, y_lab = torch.randn(6, *shape), torch.randint(0, model.head.out_features, (6,))
+    X_pool = torch.randn(5, *shape)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), batch_size=4)["G_S"]
+    norm, cross = ParamGradStats(model, G)(X_pool, pseudo_label=pseudo_label)
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool, pseudo_label)
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
+    if pseudo_label == "argmax":
+        np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+    else:  # E_y <g_y, G_S> = <J^T E[p - e_y], G_S> = 0
+        assert np.abs(cross.numpy()).max() < 1e-5 * ref_norm.max()
+    assert model.training is False
+
+
+def test_batchnorm_running_statistics_are_untouched():
+    model = _with_running_stats(SmallCNN((1, 8, 8), 3, width=4, hidden=8), (1, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    G = param_grad_sum(model, np.random.rand(4, 1, 8, 8).astype(np.float32), np.array([0, 1, 2, 0]), 2)["G_S"]
+    ParamGradStats(model, G)(torch.randn(7, 1, 8, 8))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_uncovered_layers_fall_back_with_a_warning_and_in_place_ops_are_handled():
+    torch.manual_seed(1)
+    model = InplaceNet().eval()
+    X_lab, y_lab, X_pool = torch.randn(5, 5), torch.randint(0, 3, (5,)), torch.randn(6, 5)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = ParamGradStats(model, G)
+    message = " ".join(str(w.message) for w in caught)
+    assert "norm (LayerNorm)" in message and "conv (Conv1d)" in message
+    norm, cross = stats(X_pool)
+    assert stats.clone_outputs  # the in-place ReLU after fc was detected
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
+    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+
+
+def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions():
+    torch.manual_seed(2)
+
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2, bias=True), nn.ReLU(),
+                nn.Conv2d(3, 40, 2, bias=True), nn.Tanh(),  # few positions: the Gram form
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )
+            self.head = nn.Linear(40, 3)
+
+        def features(self, x):
+            return self.body(x)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    model = ConvNet().eval()
+    X_lab, y_lab, X_pool = torch.randn(4, 2, 7, 7), torch.tensor([0, 1, 2, 1]), torch.randn(5, 2, 7, 7)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
+    norm, cross = ParamGradStats(model, G)(X_pool)
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
+    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+
+
+class HeadOnly(nn.Module):
+    """Parameters only in the head: features are a fixed nonlinearity (or a frozen layer)."""
+
+    def __init__(self, frozen: bool):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh()) if frozen else nn.Tanh()
+        if frozen:
+            self.body.requires_grad_(False)
+        self.head = nn.Linear(6 if frozen else 4, 3)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("pseudo_label", ["argmax", "expected"])
+@pytest.mark.parametrize("train_term", [2.0, 0.0])
+def test_all_equals_last_when_only_the_head_is_trainable(frozen, pseudo_label, train_term):
+    torch.manual_seed(3)
+    model = HeadOnly(frozen).eval()
+    rng = np.random.default_rng(0)
+    X_lab, y_lab = rng.normal(size=(7, 4)).astype(np.float32), rng.integers(0, 3, 7)
+    X_pool = rng.normal(size=(11, 4)).astype(np.float32)
+    scores = {}
+    for params in ("all", "last"):
+        strategy = DynamicAL(params=params, train_term=train_term, pseudo_label=pseudo_label)
+        stats = labeled_stats(model, strategy.labeled, X_lab, y_lab, batch_size=3)
+        ctx = Context(model, stats, torch.Generator(), strategy.output_options())
+        chunks = pool_chunks(model, X_pool, np.arange(11), strategy.outputs, ctx, chunk_size=4)
+        scores[params] = np.concatenate([strategy.score(c, stats) for c in chunks])
+    np.testing.assert_allclose(scores["all"], scores["last"], rtol=1e-5, atol=1e-7)
