@@ -79,8 +79,68 @@ def _param_grad_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     if "param_grad_stats" not in ctx.cache:
         ctx.cache["param_grad_stats"] = ParamGradStats(ctx.model, ctx.stats.get("G_S"))
     opts = ctx.options.get("param_grad_stats", {})
-    norm, cross = ctx.cache["param_grad_stats"](chunk.x, pseudo_label=opts.get("pseudo_label", "argmax"))
-    return {"grad_norm_sq": norm.numpy(), "grad_dot_labeled": cross.numpy()}
+    # per-sample gradient blocks stay in cache with small sub-batches (measured fastest at 16)
+    parts = [ctx.cache["param_grad_stats"](x, pseudo_label=opts.get("pseudo_label", "argmax")) for x in chunk.x.split(opts.get("batch_size", 16))]
+    return {"grad_norm_sq": torch.cat([n for n, _ in parts]).numpy(), "grad_dot_labeled": torch.cat([c for _, c in parts]).numpy()}
+
+
+# Dropout layers MC dropout can drive: elementwise (nn.Dropout) or channelwise (DropoutNd).
+_MC_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def dropout_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's dropout layers with ``p > 0``; a clear error when MC dropout cannot run."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    unsupported = sorted({type(m).__name__ for m in layers if not isinstance(m, _MC_DROPOUT)})
+    if unsupported:
+        raise ValueError(f"MC dropout supports nn.Dropout and nn.Dropout1d/2d/3d, not {unsupported}")
+    if not layers:
+        raise ValueError(
+            f"MC dropout needs a model with nn.Dropout layers (p > 0), and {type(model).__name__} has none: "
+            "build a builtin model with its `dropout` option, e.g. model_factory('mlp', ..., dropout=0.3) "
+            "or `dropout = 0.3` in the config's [model] table"
+        )
+    return layers
+
+
+def _mask_hook(masks: dict[tuple[int, int], torch.Tensor], key: tuple[int, int], generator: torch.Generator) -> Callable:
+    """Forward hook multiplying an eval-mode (identity) dropout layer's output by the pass's mask."""
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        if key not in masks:
+            # One mask per unit (nn.Dropout) or per channel (DropoutNd), shared by every sample.
+            shape = output.shape[1:] if isinstance(module, nn.Dropout) else output.shape[1:2] + (1,) * (output.ndim - 2)
+            keep = torch.rand(shape, generator=generator) >= module.p
+            masks[key] = keep.to(output.dtype) / (1.0 - module.p) if module.p < 1 else torch.zeros(shape, dtype=output.dtype)
+        return output * masks[key]
+
+    return hook
+
+
+def _mc_probs(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
+    """MC-dropout class probabilities ``mc_probs`` (n x passes x K); options: ``passes`` (20).
+
+    Pass ``t`` is one draw ``theta_t ~ q(theta)`` of the dropout posterior: one mask per unit,
+    drawn from ``ctx.generator`` on first use and shared by every pool sample. So a sample's
+    probabilities depend on its input only, not on its chunk or pool position, and all samples
+    see the same ``passes`` posterior draws. The model stays in eval mode (BatchNorm uses its
+    running statistics and is never updated); the masks are applied by forward hooks on the
+    dropout layers, which are removed after each pass. Torch's global RNG is not used.
+    """
+    passes = int(ctx.options.get("mc_probs", {}).get("passes", 20))
+    layers = dropout_layers(ctx.model)
+    masks = ctx.cache.setdefault("mc_masks", {})
+    out = []
+    for t in range(passes):
+        handles = [m.register_forward_hook(_mask_hook(masks, (t, j), ctx.generator)) for j, m in enumerate(layers)]
+        try:
+            with torch.no_grad():
+                logits = ctx.model.head(ctx.model.features(chunk.x))
+        finally:
+            for handle in handles:
+                handle.remove()
+        out.append(F.softmax(logits.double(), dim=1))
+    return {"mc_probs": torch.stack(out, dim=1).numpy()}
 
 
 PoolOutput = Callable[[Chunk, Context], dict[str, np.ndarray]]
@@ -90,6 +150,7 @@ POOL_OUTPUTS: dict[str, PoolOutput] = {
     "features": _features,
     "last_layer_grad": _last_layer_grad,
     "param_grad_stats": _param_grad_stats,
+    "mc_probs": _mc_probs,
 }
 
 
@@ -109,9 +170,25 @@ def last_layer_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_si
     return {"A": A.numpy(), "a": a.numpy()}
 
 
+def labeled_outputs(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, Any]:
+    """Penultimate features ``labeled_features`` (L x d) and eval-mode ``labeled_probs`` (L x K).
+
+    Compact per-sample arrays of the labeled set: Coreset's initial centres, BAIT's labeled
+    Fisher information (which BAIT forms itself, full or diagonal). Labels are not used.
+    """
+    feats = [np.empty((0, model.head.in_features), dtype=np.float32)]
+    probs = [np.empty((0, model.head.out_features))]
+    for i in range(0, len(X), batch_size):
+        chunk = Chunk(model, torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size])))
+        feats.append(chunk.features.numpy())
+        probs.append(chunk.probs.numpy())
+    return {"labeled_features": np.concatenate(feats), "labeled_probs": np.concatenate(probs)}
+
+
 LabeledStat = Callable[[nn.Module, np.ndarray, np.ndarray, int], dict[str, Any]]
 
 LABELED_STATS: dict[str, LabeledStat] = {
     "last_layer_grad_sum": last_layer_grad_sum,
     "param_grad_sum": param_grad_sum,
+    "labeled_outputs": labeled_outputs,
 }

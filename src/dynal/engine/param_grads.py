@@ -154,7 +154,7 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
             gw = torch.ops.aten.convolution_backward(
                 d[i : i + step].reshape(1, k * c_out, *d.shape[2:]),
                 a[i : i + step].reshape(1, -1, *a.shape[2:]),
-                m.weight.detach().repeat(k, 1, 1, 1),
+                m.weight.detach().repeat(k, 1, 1, 1),  # only its shape matters: no input gradient
                 None, m.stride, m.padding, m.dilation, False, [0, 0], k, [False, True, False],
             )[1].view(k, -1)
             norms.append(torch.linalg.vector_norm(gw, dim=1).square())
