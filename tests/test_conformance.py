@@ -6,17 +6,20 @@ Strategies that need parameters, or variants worth covering, are listed in ``VAR
 import numpy as np
 import pytest
 
-from dynal import ActiveLearner, Split, TrainConfig
+from dynal import ActiveLearner, Split, TrainConfig, model_factory
 from dynal.strategies import STRATEGIES
 
 VARIANTS = [(name, {}) for name in sorted(STRATEGIES)] + [
     ("dynamical", {"train_term": 0.0}),
     ("dynamical", {"pseudo_label": "expected"}),
+    ("bait", {"fisher": "diagonal"}),
 ]
 IDS = [f"{n}{p or ''}" for n, p in VARIANTS]
 
 
 def _learner(blobs, factory, name, params, seed=0, pool=None):
+    if "mc_probs" in STRATEGIES[name].outputs:  # MC dropout needs dropout layers
+        factory = model_factory("mlp", blobs.input_shape, blobs.n_classes, hidden=[16], dropout=0.3)
     learner = ActiveLearner(pool or blobs.train, factory, STRATEGIES[name](**params), blobs.n_classes,
                             TrainConfig(epochs=3, batch_size=32), rng=seed, chunk_size=37)
     learner.initialize(blobs.train.ids[:12])

@@ -6,11 +6,15 @@ import inspect
 from typing import Any
 
 from dynal.strategies.base import ScoreStrategy, Strategy
+from dynal.strategies.bayesian import BALD
+from dynal.strategies.diversity import Coreset
+from dynal.strategies.embedding import BADGE, BAIT, EGL
 from dynal.strategies.gradient import DynamicAL, DynamicALGreedy
 from dynal.strategies.uncertainty import Entropy, LeastConfidence, Margin, RandomSampling
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy, DynamicAL, DynamicALGreedy)
+    cls.name: cls
+    for cls in (RandomSampling, LeastConfidence, Margin, Entropy, DynamicAL, DynamicALGreedy, BALD, Coreset, BADGE, EGL, BAIT)
 }
 
 
@@ -30,4 +34,20 @@ def make_strategy(name: str | Strategy, **params: Any) -> Strategy:
     return cls(**params)
 
 
-__all__ = ["STRATEGIES", "DynamicAL", "DynamicALGreedy", "Entropy", "LeastConfidence", "Margin", "RandomSampling", "ScoreStrategy", "Strategy", "make_strategy"]
+__all__ = [
+    "BADGE",
+    "BAIT",
+    "BALD",
+    "EGL",
+    "STRATEGIES",
+    "Coreset",
+    "DynamicAL",
+    "DynamicALGreedy",
+    "Entropy",
+    "LeastConfidence",
+    "Margin",
+    "RandomSampling",
+    "ScoreStrategy",
+    "Strategy",
+    "make_strategy",
+]

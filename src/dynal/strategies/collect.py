@@ -1,0 +1,48 @@
+"""Helpers of the set strategies: the pool pass gathered into compact per-sample arrays, and
+id-keyed tie breaking so a choice never depends on pool order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from dynal.strategies.base import Chunks
+
+
+def gather(chunks: Chunks, names: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Concatenate the named per-sample outputs of a pool pass.
+
+    Returns
+    -------
+    ids, arrays : the pool's dataset ids and one array per name, rows aligned with ``ids``
+    """
+    ids: list[np.ndarray] = []
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for chunk in chunks:
+        ids.append(chunk["ids"])
+        for name in names:
+            parts[name].append(chunk[name])
+    if not ids:
+        raise ValueError("the pool is empty")
+    arrays = {name: np.concatenate(p) for name, p in parts.items()}
+    for name, a in arrays.items():
+        if not np.isfinite(a).all():
+            raise ValueError(f"the pool output {name!r} contains NaN or infinite values")
+    return np.concatenate(ids), arrays
+
+
+def argmax_tied(values: np.ndarray, keys: np.ndarray) -> int:
+    """Position of the largest value; ties go to the largest tie key (see ``tie_keys``)."""
+    top = np.flatnonzero(values == values.max())
+    return int(top[np.argmax(keys[top])]) if len(top) > 1 else int(top[0])
+
+
+def floor_sq_dists(d2: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Zero, in place, squared distances within rounding of zero (``<= 1e-10 * scale``).
+
+    A squared distance expanded as ``||a||² + ||b||² - 2 a·b`` (scale ``||a||² + ||b||²``) is
+    off by rounding; identical points must get exactly 0 (and never a negative value).
+    """
+    d2[d2 <= 1e-10 * scale] = 0.0
+    return d2
