@@ -79,9 +79,8 @@ def _param_grad_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     if "param_grad_stats" not in ctx.cache:
         ctx.cache["param_grad_stats"] = ParamGradStats(ctx.model, ctx.stats.get("G_S"))
     opts = ctx.options.get("param_grad_stats", {})
-    # per-sample gradient blocks stay in cache with small sub-batches (measured fastest at 16)
-    parts = [ctx.cache["param_grad_stats"](x, pseudo_label=opts.get("pseudo_label", "argmax")) for x in chunk.x.split(opts.get("batch_size", 16))]
-    return {"grad_norm_sq": torch.cat([n for n, _ in parts]).numpy(), "grad_dot_labeled": torch.cat([c for _, c in parts]).numpy()}
+    norm, cross = ctx.cache["param_grad_stats"](chunk.x, pseudo_label=opts.get("pseudo_label", "argmax"))
+    return {"grad_norm_sq": norm.numpy(), "grad_dot_labeled": cross.numpy()}
 
 
 # Dropout layers MC dropout can drive: elementwise (nn.Dropout) or channelwise (DropoutNd).

@@ -37,6 +37,9 @@ from torch.nn import functional as F
 
 # Largest per-sample-gradient block built at once for one layer, in elements (256 MB of float32).
 _BLOCK_ELEMENTS = 1 << 26
+# Per-sample weight gradients of one sub-batch kept near cache size (2 MB of float32): on
+# ResNet-18, sub-batches of 16 ran 1.5-1.9x faster than 64 or 128.
+_CACHE_ELEMENTS = 1 << 19
 
 
 def _covered(module: nn.Module) -> bool:
@@ -216,6 +219,8 @@ class ParamGradStats:
                 for name, m in self.covered
             ]
         self.G_other = {n: G[n] for n in self.other} if G is not None else None
+        conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, nn.Conv2d)]
+        self.sub_batch = max(16, _CACHE_ELEMENTS // max(conv_sizes)) if conv_sizes else None
 
     def _forward(self, x: torch.Tensor, modules: list[nn.Module], clone: bool) -> tuple[torch.Tensor, list[list]]:
         with torch.enable_grad(), _record_layers(modules, clone) as records:
@@ -230,17 +235,23 @@ class ParamGradStats:
         module = self.model.get_submodule(mname) if mname else self.model
         return f"{mname or 'model'} ({type(module).__name__})"
 
-    def __call__(self, x: torch.Tensor, residuals: Sequence[torch.Tensor] | None = None, weights: torch.Tensor | None = None,
-                 pseudo_label: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, pseudo_label: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:
         """Statistics for a batch ``x``.
 
         With ``pseudo_label="argmax"`` the gradient is taken at the model's predicted class;
         with ``"expected"`` both statistics are averaged over ``y ~ p`` (K backward passes).
+        Convolutional models are processed in sub-batches that keep per-sample gradients in cache.
 
         Returns
         -------
         norm_sq, cross : (N,) float64 tensors (``cross`` is zeros when ``G`` is None)
         """
+        if self.sub_batch is not None and len(x) > self.sub_batch:
+            parts = [self._batch(xs, pseudo_label) for xs in x.split(self.sub_batch)]
+            return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
+        return self._batch(x, pseudo_label)
+
+    def _batch(self, x: torch.Tensor, pseudo_label: str) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.eval()
         modules = [m for _, m in self.covered]
         logits, records = self._forward(x, modules, clone=self.clone_outputs)

@@ -1,0 +1,205 @@
+"""Cost of scoring a pool with dynamicAL, against plain inference and per-sample gradients.
+
+For each model, on the same random pool in one run (CPU):
+  (a) inference     forward pass over the pool (no_grad, eval mode)
+  (b) last          dynamicAL params="last": forward + closed-form last-layer score + top-b
+  (c) all           dynamicAL params="all": dynal's per-layer per-sample gradient statistics
+  (d) vmap          per-sample gradients materialized with torch.func (vmap over grad), then
+                    the same two statistics (norm and dot with G_S)
+  (e) opacus        per-sample gradients materialized by opacus' GradSampleModule (only if
+                    opacus is importable, which dynal does not need, and only for models
+                    without BatchNorm: opacus rejects BatchNorm and records only in train mode)
+Throughput is pool images per second; memory is the sampled peak growth of resident memory.
+A second table runs (c) at two pool sizes and two budgets: its peak memory should not change.
+
+Usage: python benchmarks/engine_speed.py [--threads 2] [--out benchmarks/engine_speed.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import platform
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+from dynal.engine import Context, labeled_stats, pool_chunks
+from dynal.models import model_factory
+from dynal.resources import Measure
+from dynal.strategies import DynamicAL
+
+# name, model, params, input shape, pool size, pool size for the materializing paths, chunk
+CASES = [
+    ("MLP 784-256-10", "mlp", {"hidden": [256]}, (1, 28, 28), 8192, 2048, 256),
+    ("small CNN", "cnn", {}, (1, 28, 28), 2048, 256, 128),
+    ("ResNet-18 w0.5", "resnet18", {"width": 0.5}, (3, 32, 32), 256, 32, 64),
+    ("ResNet-18 w1", "resnet18", {"width": 1.0}, (3, 32, 32), 128, 16, 64),
+]
+BUDGET = 100
+N_LABELED = 64
+
+
+def _model(name: str, params: dict, shape: tuple[int, ...]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = model_factory(name, shape, 10, **params)()
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        model(torch.randn(32, *shape))
+    return model.eval()
+
+
+def _timed(fn) -> tuple[float, int]:
+    with Measure() as m:
+        fn()
+    return m.seconds, m.peak_bytes
+
+
+def inference(model, X, chunk):
+    with torch.no_grad():
+        for i in range(0, len(X), chunk):
+            model(torch.from_numpy(X[i : i + chunk]))
+
+
+def dynamical(model, X, chunk, params, X_lab, y_lab, budget=BUDGET):
+    strategy = DynamicAL(params=params)
+    stats = labeled_stats(model, strategy.labeled, X_lab, y_lab, batch_size=chunk)
+    ctx = Context(model, stats, torch.Generator(), strategy.output_options())
+    chunks = pool_chunks(model, X, np.arange(len(X)), strategy.outputs, ctx, chunk)
+    return strategy.select(chunks, stats, budget, np.random.default_rng(0))
+
+
+def _G_S(model, X_lab, y_lab):
+    return labeled_stats(model, ["param_grad_sum"], X_lab, y_lab, batch_size=64)["G_S"]
+
+
+def vmap_path(model, X, chunk, G):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, x, y):
+        return F.cross_entropy(functional_call(model, {**p, **buffers}, (x[None],)), y[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    out = []
+    for i in range(0, len(X), chunk):
+        x = torch.from_numpy(X[i : i + chunk])
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        g = per_sample(params, x, y)
+        norm = sum(v.flatten(1).pow(2).sum(1) for v in g.values())
+        cross = sum(v.flatten(1) @ G[n].flatten() for n, v in g.items())
+        out.append(norm + 2 * cross)
+    return torch.cat(out)
+
+
+def opacus_path(model, X, chunk, G):
+    from opacus import GradSampleModule
+
+    # opacus records activations only in train mode, and rejects BatchNorm: run it only on
+    # models without BatchNorm or dropout, where train mode computes the same function
+    gsm = GradSampleModule(model)
+    gsm.train()
+    out = []
+    for i in range(0, len(X), chunk):
+        x = torch.from_numpy(X[i : i + chunk])
+        logits = gsm(x)
+        F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
+        norm = sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in model.parameters())
+        cross = sum(p.grad_sample.flatten(1) @ G[n].flatten() for n, p in model.named_parameters())
+        out.append(norm + 2 * cross)
+        gsm.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.grad_sample = None
+    gsm._close()
+    model.eval()
+    return torch.cat(out)
+
+
+def _has_opacus() -> bool:
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def measure(case: int, path: str, threads: int, n_pool: int | None = None, budget: int = BUDGET) -> tuple[float, int] | None:
+    """Best-of-two seconds and the peak memory growth of one path, in a fresh process."""
+    torch.set_num_threads(threads)
+    label, name, params, shape, n_default, n_mat, chunk = CASES[case]
+    n = n_pool or (n_mat if path in ("vmap", "opacus") else n_default)
+    rng = np.random.default_rng(0)
+    model = _model(name, params, shape)
+    X = rng.normal(size=(n, *shape)).astype(np.float32)
+    X_lab = rng.normal(size=(N_LABELED, *shape)).astype(np.float32)
+    y_lab = rng.integers(0, 10, N_LABELED)
+    G = _G_S(model, X_lab, y_lab)
+    mat_chunk = 16 if name == "resnet18" else chunk
+    run = {
+        "inference": lambda: inference(model, X, chunk),
+        "last": lambda: dynamical(model, X, chunk, "last", X_lab, y_lab, budget),
+        "all": lambda: dynamical(model, X, chunk, "all", X_lab, y_lab, budget),
+        "vmap": lambda: vmap_path(model, X, mat_chunk, G),
+        "opacus": lambda: opacus_path(model, X, mat_chunk, G),
+    }[path]
+    if path == "opacus" and (not _has_opacus() or _has_batchnorm(model)):
+        return None
+    inference(model, X[: 2 * chunk], chunk)  # warm-up
+    runs = [_timed(run) for _ in range(2)]
+    seconds = min(t for t, _ in runs) * (n_default / n if path in ("vmap", "opacus") else 1.0)
+    return seconds, max(m for _, m in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    args = parser.parse_args()
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+    lines = [
+        f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; budget b = {BUDGET}, labeled set "
+        f"M = {N_LABELED}; each cell is the best of two runs in a fresh process. (d) and (e) run on a sub-pool "
+        "and are scaled to the full pool.",
+        "",
+        "| model | params | pool | chunk | (a) inference img/s | (b) last img/s | (c) all img/s | (d) vmap img/s | (e) opacus img/s "
+        "| (b)/(a) time | (c)/(a) time | (d)/(c) time | (e)/(c) time | peak MB (a) / (b) / (c) / (d) / (e) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case, (label, name, params, shape, n_pool, _, chunk) in enumerate(CASES):
+        res = {p: pool.submit(measure, case, p, args.threads).result() for p in ("inference", "last", "all", "vmap", "opacus")}
+        n_params = sum(p.numel() for p in _model(name, params, shape).parameters())
+        t = {p: (r[0] if r else None) for p, r in res.items()}
+        rate = lambda p: f"{n_pool / t[p]:,.0f}" if t[p] else "-"  # noqa: E731
+        ratio = lambda p, q, f: f"{t[p] / t[q]:.{f}f}x" if t[p] and t[q] else "-"  # noqa: E731
+        mem = " / ".join(f"{r[1] / 2**20:.0f}" if r else "-" for r in res.values())
+        lines.append(
+            f"| {label} | {n_params / 1e6:.2f}M | {n_pool} | {chunk} | {rate('inference')} | {rate('last')} | {rate('all')} | "
+            f"{rate('vmap')} | {rate('opacus')} | {ratio('last', 'inference', 2)} | {ratio('all', 'inference', 2)} | "
+            f"{ratio('vmap', 'all', 1)} | {ratio('opacus', 'all', 1)} | {mem} |"
+        )
+        print(lines[-1], flush=True)
+    lines += ["", "Peak memory of (c) on ResNet-18 w0.5 against pool size N and budget b:", "",
+              "| N | b | seconds | peak MB |", "|---|---|---|---|"]
+    for n_pool in (128, 512):
+        for budget in (10, 100):
+            seconds, peak = pool.submit(measure, 2, "all", args.threads, n_pool, budget).result()
+            lines.append(f"| {n_pool} | {budget} | {seconds:.1f} | {peak / 2**20:.0f} |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# Engine speed and memory\n\nCommand: `python benchmarks/engine_speed.py --threads "
+                    f"{args.threads} --out {args.out}`\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
