@@ -197,6 +197,7 @@ def _bait_full(
 ) -> tuple[list[int], list[float]]:
     """Exact BAIT; returns the kept picks (rows, forward order) and their forward gains."""
     c = len(pL) + budget
+    h, hL = h.astype(np.float64), hL.astype(np.float64)
     F = fisher_sum(p, h) / len(p)
     M = reg * np.eye(F.shape[0]) + fisher_sum(pL, hL) / c
     state = _FullFisher(p, h, F, M, c)
@@ -224,9 +225,9 @@ def _bait_diagonal(
 ) -> tuple[list[int], list[float]]:
     """BAIT with diagonal Fisher matrices; returns what :func:`_bait_full` does."""
     c = len(pL) + budget
-    s, t = p * (1.0 - p), h * h  # I(x) has diagonal s_x ⊗ t_x
+    s, t = p * (1.0 - p), np.square(h, dtype=np.float64)  # I(x) has diagonal s_x ⊗ t_x
     f = s.T @ t / len(p)
-    m = reg + (pL * (1.0 - pL)).T @ (hL * hL) / c
+    m = reg + (pL * (1.0 - pL)).T @ np.square(hL, dtype=np.float64) / c
 
     def gains(idx: np.ndarray) -> np.ndarray:  # Σ f (1/m - 1/(m + a)) = Σ f a / (m (m + a))
         a = s[idx, :, None] * t[idx, None, :] / c
@@ -313,8 +314,8 @@ class BAIT(Strategy):
 
     def select(self, chunks: Chunks, stats: Mapping[str, Any], budget: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         ids, arrays = gather(chunks, ["probs", "features"])
-        p, h = arrays.pop("probs"), arrays.pop("features").astype(np.float64)
-        pL, hL = np.asarray(stats["labeled_probs"]), np.asarray(stats["labeled_features"], dtype=np.float64)
+        p, h = arrays.pop("probs"), arrays.pop("features")
+        pL, hL = np.asarray(stats["labeled_probs"]), np.asarray(stats["labeled_features"])
         dim = p.shape[1] * h.shape[1]
         if self.fisher == "full" and dim > self.max_dim:
             raise ValueError(f"fisher='full' needs K·d <= max_dim, got K·d = {dim} > {self.max_dim}: raise max_dim or use fisher='diagonal'")
