@@ -12,6 +12,8 @@ from dynal.strategies import STRATEGIES
 VARIANTS = [(name, {}) for name in sorted(STRATEGIES)] + [
     ("dynamical", {"train_term": 0.0}),
     ("dynamical", {"pseudo_label": "expected"}),
+    ("dynamical", {"params": "all"}),
+    ("dynamical", {"params": "all", "pseudo_label": "expected"}),
     ("bait", {"fisher": "diagonal"}),
 ]
 IDS = [f"{n}{p or ''}" for n, p in VARIANTS]

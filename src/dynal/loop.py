@@ -17,7 +17,7 @@ from dynal.engine.outputs import Context
 from dynal.engine.pool import labeled_stats, pool_chunks
 from dynal.resources import Measure
 from dynal.strategies import Strategy, make_strategy
-from dynal.strategies.base import gather
+from dynal.strategies.collect import gather
 from dynal.training import FitResult, TrainConfig, build_model, evaluate, fit, seed_from
 
 Oracle = Callable[[np.ndarray], np.ndarray]
@@ -236,7 +236,8 @@ class ActiveLearner:
         if self.model is None:
             raise ValueError("no model yet: call fit() first")
         chunks, stats = self._pass(self.unlabeled_ids(), outputs, labeled, options or {})
-        return gather(chunks), stats
+        ids, arrays = gather(chunks)
+        return {"ids": ids, **arrays}, stats
 
     def update(self, ids: np.ndarray, labels: np.ndarray | None = None) -> None:
         """Record labels for pool ids (from ``labels`` or the oracle), stamped with the current round."""

@@ -15,6 +15,8 @@ from itertools import combinations
 
 import numpy as np
 
+from dynal.engine.topk import argmax_tied
+
 
 def set_value(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, chosen: np.ndarray) -> float:
     """``G(S + Q) = ||G_S + sum_{u in Q} g_u||^2`` for the rows ``chosen`` of ``r`` and ``h``."""
@@ -29,13 +31,6 @@ def single_gains(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bia
     """``G(S + {u}) - G(S) = ||g_u||^2 + 2 <g_u, G_S>`` for every row."""
     b = 1.0 if bias else 0.0
     return np.einsum("nk,nk->n", r, r) * (np.einsum("nd,nd->n", h, h) + b) + 2 * np.einsum("nk,nk->n", r, h @ A.T + b * a)
-
-
-def _argmax(values: np.ndarray, keys: np.ndarray, available: np.ndarray) -> int:
-    """Index of the largest value among ``available`` rows, ties to the largest key."""
-    masked = np.where(available, values, -np.inf)
-    best = np.flatnonzero(masked == masked.max())
-    return int(best[np.argmax(keys[best])])
 
 
 def greedy(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, budget: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +48,7 @@ def greedy(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: boo
     available = np.ones(len(r), dtype=bool)
     rows, picked_gains = [], []
     for _ in range(min(budget, len(r))):
-        j = _argmax(gains, keys, available)
+        j = argmax_tied(np.where(available, gains, -np.inf), keys)
         rows.append(j)
         picked_gains.append(gains[j])
         available[j] = False

@@ -68,3 +68,9 @@ class StreamingTopK:
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of the kept candidates, best first."""
         return self.ids.copy(), self.scores.copy()
+
+
+def argmax_tied(values: np.ndarray, keys: np.ndarray) -> int:
+    """Position of the largest value; ties go to the largest tie key (see ``tie_keys``)."""
+    top = np.flatnonzero(values == values.max())
+    return int(top[np.argmax(keys[top])]) if len(top) > 1 else int(top[0])

@@ -77,12 +77,3 @@ class ScoreStrategy(Strategy):
             topk.push(chunk["ids"], self.score(chunk, stats))
         return topk.result()
 
-
-def gather(chunks: Chunks) -> dict[str, np.ndarray]:
-    """Concatenate a pool pass into one compact array per output, for set strategies that need
-    the whole pool at once (per-sample rows only: never N x N or N x K*d)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for chunk in chunks:
-        for name, value in chunk.items():
-            parts.setdefault(name, []).append(value)
-    return {name: np.concatenate(values) for name, values in parts.items()}

@@ -1,5 +1,5 @@
 """Helpers of the set strategies: the pool pass gathered into compact per-sample arrays, and
-id-keyed tie breaking so a choice never depends on pool order."""
+squared distances cleaned of rounding noise."""
 
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ import numpy as np
 from dynal.strategies.base import Chunks
 
 
-def gather(chunks: Chunks, names: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Concatenate the named per-sample outputs of a pool pass.
+def gather(chunks: Chunks, names: Sequence[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Concatenate the named per-sample outputs of a pool pass (default: all of them).
 
     Returns
     -------
     ids, arrays : the pool's dataset ids and one array per name, rows aligned with ``ids``
     """
     ids: list[np.ndarray] = []
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names or ()}
     for chunk in chunks:
         ids.append(chunk["ids"])
-        for name in names:
-            parts[name].append(chunk[name])
+        for name in names or [k for k in chunk if k != "ids"]:
+            parts.setdefault(name, []).append(chunk[name])
     if not ids:
         raise ValueError("the pool is empty")
     arrays = {name: np.concatenate(p) for name, p in parts.items()}
@@ -30,12 +30,6 @@ def gather(chunks: Chunks, names: Sequence[str]) -> tuple[np.ndarray, dict[str, 
         if not np.isfinite(a).all():
             raise ValueError(f"the pool output {name!r} contains NaN or infinite values")
     return np.concatenate(ids), arrays
-
-
-def argmax_tied(values: np.ndarray, keys: np.ndarray) -> int:
-    """Position of the largest value; ties go to the largest tie key (see ``tie_keys``)."""
-    top = np.flatnonzero(values == values.max())
-    return int(top[np.argmax(keys[top])]) if len(top) > 1 else int(top[0])
 
 
 def floor_sq_dists(d2: np.ndarray, scale: np.ndarray) -> np.ndarray:

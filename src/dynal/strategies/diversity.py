@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from dynal.engine.topk import draw_salt, tie_keys
+from dynal.engine.topk import argmax_tied, draw_salt, tie_keys
 from dynal.strategies.base import Chunks, Strategy
-from dynal.strategies.collect import argmax_tied, floor_sq_dists, gather
+from dynal.strategies.collect import floor_sq_dists, gather
 
 # Largest block of pairwise distances formed at once, in entries (8 MB of float64).
 _BLOCK = 1 << 20

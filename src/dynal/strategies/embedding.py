@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from dynal.engine.topk import draw_salt, tie_keys
+from dynal.engine.topk import argmax_tied, draw_salt, tie_keys
 from dynal.strategies.base import Chunks, ScoreStrategy, Strategy
-from dynal.strategies.collect import argmax_tied, floor_sq_dists, gather
+from dynal.strategies.collect import floor_sq_dists, gather
 
 # Largest temporary block formed at once, in float64 entries (8 MB).
 _BLOCK = 1 << 20

@@ -14,7 +14,8 @@ import numpy as np
 
 from dynal.engine.topk import draw_salt, tie_keys
 from dynal.objective import greedy, marginal_gains, set_value, top_b
-from dynal.strategies.base import Chunks, ScoreStrategy, Strategy, gather
+from dynal.strategies.base import Chunks, ScoreStrategy, Strategy
+from dynal.strategies.collect import gather
 
 
 def last_layer_scores(
@@ -111,11 +112,11 @@ class DynamicALGreedy(Strategy):
     labeled = ("last_layer_grad_sum",)
 
     def select(self, chunks: Chunks, stats: Mapping[str, Any], budget: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        pool = gather(chunks)
+        ids, pool = gather(chunks, ["r", "h"])
         r, h, A, a, bias = pool["r"], pool["h"], stats["A"], stats["a"], bool(stats["head_bias"])
-        keys = tie_keys(pool["ids"], draw_salt(rng))
+        keys = tie_keys(ids, draw_salt(rng))
         rows, gains = greedy(r, h, A, a, bias, budget, keys)
         top = top_b(r, h, A, a, bias, budget, keys)
         if set_value(r, h, A, a, bias, top) > set_value(r, h, A, a, bias, rows):
             rows, gains = top, marginal_gains(r, h, A, a, bias, top)
-        return pool["ids"][rows], gains
+        return ids[rows], gains
