@@ -174,9 +174,10 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
 
 
 def _bn_stats(m: nn.BatchNorm2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (1, -1, 1, 1)
-    xhat = (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
-    g_weight, g_bias = (d * xhat).sum((2, 3)), d.sum((2, 3))
+    # g_gamma = sum_hw d * (a - mean) / std = (sum_hw d * a - mean * g_beta) / std, with no
+    # normalized copy of the activations
+    g_bias = d.sum((2, 3))
+    g_weight = ((d * a).sum((2, 3)) - m.running_mean * g_bias) * torch.rsqrt(m.running_var + m.eps)
     norm = g_weight.pow(2).sum(1) + g_bias.pow(2).sum(1)
     cross = g_weight @ G["weight"] + g_bias @ G["bias"] if G is not None else None
     return norm, cross
