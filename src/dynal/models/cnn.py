@@ -7,7 +7,7 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    """Two conv-BN-ReLU-pool blocks, global average pooling and a hidden linear layer.
+    """Two conv-BN-ReLU-pool blocks, then the flattened feature map into a hidden linear layer.
 
     Parameters
     ----------
@@ -29,7 +29,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"SmallCNN needs (C, H, W) inputs, got shape {input_shape}")
-        c = input_shape[0]
+        c, rows, cols = input_shape
+        pooled = ((rows + 3) // 4) * ((cols + 3) // 4)  # positions left after two ceil-mode 2x2 pools
         self.body = nn.Sequential(
             nn.Conv2d(c, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),
@@ -39,9 +40,8 @@ class SmallCNN(nn.Module):
             nn.BatchNorm2d(2 * width),
             nn.ReLU(),
             nn.MaxPool2d(2, ceil_mode=True),
-            nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
-            nn.Linear(2 * width, hidden),
+            nn.Linear(2 * width * pooled, hidden),
             nn.ReLU(),
         )
         if dropout > 0:
