@@ -52,13 +52,19 @@ class StreamingTopK:
             raise ValueError("a strategy returned NaN scores")
         if self.k == 0 or len(ids) == 0:
             return
-        keys = tie_keys(ids, self.salt)
-        if len(self.ids) == self.k:  # drop candidates that cannot enter before sorting
+        if len(self.ids) == self.k:  # drop candidates that cannot enter before hashing and sorting
             floor, floor_key = self.scores[-1], self.keys[-1]
-            enters = (scores > floor) | ((scores == floor) & (keys > floor_key))
+            above = np.flatnonzero(scores >= floor)
+            if len(above) == 0:
+                return
+            ids, scores = ids[above], scores[above]
+            keys = tie_keys(ids, self.salt)
+            enters = (scores > floor) | (keys > floor_key)
             ids, scores, keys = ids[enters], scores[enters], keys[enters]
             if len(ids) == 0:
                 return
+        else:
+            keys = tie_keys(ids, self.salt)
         ids = np.concatenate([self.ids, ids])
         scores = np.concatenate([self.scores, scores])
         keys = np.concatenate([self.keys, keys])
