@@ -14,7 +14,7 @@ The labeled-set statistics (G_S) are computed once beforehand: they cost one pas
 labeled set, not the pool, and are the same for every query size.
 A second table runs (c) at two pool sizes and two budgets: its peak memory should not change.
 
-Usage: python benchmarks/engine_speed.py [--threads 2] [--out benchmarks/engine_speed.md]
+Usage: python benchmarks/engine_speed.py [--threads 2] [--rounds 5] [--out benchmarks/engine_speed.md]
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ from dynal.strategies import DynamicAL
 # name, model, params, input shape, pool size, pool size for the materializing paths, chunk
 CASES = [
     ("MLP 784-256-10", "mlp", {"hidden": [256]}, (1, 28, 28), 8192, 2048, 256),
+    ("MLP 784-256-10", "mlp", {"hidden": [256]}, (1, 28, 28), 8192, 2048, 1024),  # the library's default chunk
     ("small CNN", "cnn", {}, (1, 28, 28), 2048, 256, 128),
     ("ResNet-18 w0.5", "resnet18", {"width": 0.5}, (3, 32, 32), 256, 32, 64),
     ("ResNet-18 w1", "resnet18", {"width": 1.0}, (3, 32, 32), 128, 16, 64),
 ]
+MEMORY_CASE = 3  # ResNet-18 w0.5: (c) at several pool sizes and budgets
 BUDGET = 100
 N_LABELED = 64
 
@@ -52,12 +54,6 @@ def _model(name: str, params: dict, shape: tuple[int, ...]) -> torch.nn.Module:
     with torch.no_grad():  # non-trivial BatchNorm running statistics
         model(torch.randn(32, *shape))
     return model.eval()
-
-
-def _timed(fn) -> tuple[float, int]:
-    with Measure() as m:
-        fn()
-    return m.seconds, m.peak_bytes
 
 
 def inference(model, X, chunk):
@@ -129,67 +125,96 @@ def _has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def measure(case: int, path: str, threads: int, n_pool: int | None = None, budget: int = BUDGET) -> tuple[float, int] | None:
-    """Best-of-two seconds and the peak memory growth of one path, in a fresh process."""
+PATHS = ("inference", "last", "all", "vmap", "opacus")
+
+
+def _setup(case: int, threads: int, n_pool: int | None = None, budget: int = BUDGET) -> dict:
+    """The model, pool and labeled statistics of one case, and a callable per available path."""
     torch.set_num_threads(threads)
     label, name, params, shape, n_default, n_mat, chunk = CASES[case]
-    n = n_pool or (n_mat if path in ("vmap", "opacus") else n_default)
+    n = n_pool or n_default
     rng = np.random.default_rng(0)
     model = _model(name, params, shape)
     X = rng.normal(size=(n, *shape)).astype(np.float32)
+    X_mat = X[:n_mat]
     X_lab = rng.normal(size=(N_LABELED, *shape)).astype(np.float32)
     y_lab = rng.integers(0, 10, N_LABELED)
     mat_chunk = 16 if name == "resnet18" else chunk
     stats = {p: labeled_stats(model, DynamicAL(params=p).labeled, X_lab, y_lab, batch_size=chunk) for p in ("last", "all")}
     G = stats["all"]["G_S"]
-    run = {
+    runs = {
         "inference": lambda: inference(model, X, chunk),
         "last": lambda: dynamical(model, X, chunk, "last", stats["last"], budget),
         "all": lambda: dynamical(model, X, chunk, "all", stats["all"], budget),
-        "vmap": lambda: vmap_path(model, X, mat_chunk, G),
-        "opacus": lambda: opacus_path(model, X, mat_chunk, G),
-    }[path]
-    if path == "opacus" and (not _has_opacus() or _has_batchnorm(model)):
-        return None
+        "vmap": lambda: vmap_path(model, X_mat, mat_chunk, G),
+        "opacus": lambda: opacus_path(model, X_mat, mat_chunk, G),
+    }
+    if not _has_opacus() or _has_batchnorm(model):
+        del runs["opacus"]
     inference(model, X[: 2 * chunk], chunk)  # warm-up
-    runs = [_timed(run) for _ in range(2)]
-    seconds = min(t for t, _ in runs) * (n_default / n if path in ("vmap", "opacus") else 1.0)
-    return seconds, max(m for _, m in runs)
+    # the materializing paths run on a sub-pool: their times are scaled to the full pool
+    scale = {p: (n / len(X_mat) if p in ("vmap", "opacus") else 1.0) for p in runs}
+    return {"runs": runs, "scale": scale}
+
+
+def timings(case: int, threads: int, rounds: int) -> dict[str, float | None]:
+    """Best seconds of each path over ``rounds`` rounds, the paths interleaved in each round,
+    so that a slow spell of the shared machine hits every path alike."""
+    setup = _setup(case, threads)
+    best = {p: float("inf") for p in setup["runs"]}
+    for _ in range(rounds):
+        for path, run in setup["runs"].items():
+            with Measure() as m:
+                run()
+            best[path] = min(best[path], m.seconds * setup["scale"][path])
+    return {p: best.get(p) for p in PATHS}
+
+
+def peak_memory(case: int, path: str, threads: int, n_pool: int | None = None, budget: int = BUDGET) -> tuple[float, int] | None:
+    """Seconds and sampled peak resident-memory growth of one run of one path, in a fresh process."""
+    setup = _setup(case, threads, n_pool, budget)
+    if path not in setup["runs"]:
+        return None
+    with Measure() as m:
+        setup["runs"][path]()
+    return m.seconds, m.peak_bytes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per model (best is kept)")
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = parser.parse_args()
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
     lines = [
         f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; budget b = {BUDGET}, labeled set "
-        f"M = {N_LABELED}; each cell is the best of two runs in a fresh process. (d) and (e) run on a sub-pool "
-        "and are scaled to the full pool.",
+        f"M = {N_LABELED}. Times: per model one fresh process runs the paths interleaved, {args.rounds} rounds, "
+        "and keeps each path's best; (d) and (e) run on a sub-pool and are scaled to the full pool. Memory: "
+        "one run of each path in its own fresh process.",
         "",
         "| model | params | pool | chunk | (a) inference img/s | (b) last img/s | (c) all img/s | (d) vmap img/s | (e) opacus img/s "
         "| (b)/(a) time | (c)/(a) time | (d)/(c) time | (e)/(c) time | peak MB (a) / (b) / (c) / (d) / (e) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, (label, name, params, shape, n_pool, _, chunk) in enumerate(CASES):
-        res = {p: pool.submit(measure, case, p, args.threads).result() for p in ("inference", "last", "all", "vmap", "opacus")}
+        t = pool.submit(timings, case, args.threads, args.rounds).result()
+        mems = [pool.submit(peak_memory, case, p, args.threads).result() for p in PATHS]
         n_params = sum(p.numel() for p in _model(name, params, shape).parameters())
-        t = {p: (r[0] if r else None) for p, r in res.items()}
         rate = lambda p: f"{n_pool / t[p]:,.0f}" if t[p] else "-"  # noqa: E731
         ratio = lambda p, q, f: f"{t[p] / t[q]:.{f}f}x" if t[p] and t[q] else "-"  # noqa: E731
-        mem = " / ".join(f"{r[1] / 2**20:.0f}" if r else "-" for r in res.values())
+        mem = " / ".join(f"{r[1] / 2**20:.0f}" if r else "-" for r in mems)
         lines.append(
             f"| {label} | {n_params / 1e6:.2f}M | {n_pool} | {chunk} | {rate('inference')} | {rate('last')} | {rate('all')} | "
             f"{rate('vmap')} | {rate('opacus')} | {ratio('last', 'inference', 2)} | {ratio('all', 'inference', 2)} | "
             f"{ratio('vmap', 'all', 1)} | {ratio('opacus', 'all', 1)} | {mem} |"
         )
         print(lines[-1], flush=True)
-    lines += ["", "Peak memory of (c) on ResNet-18 w0.5 against pool size N and budget b:", "",
+    lines += ["", "Peak memory of (c) on ResNet-18 w0.5 against pool size N and budget b (one run each, fresh process):", "",
               "| N | b | seconds | peak MB |", "|---|---|---|---|"]
     for n_pool in (128, 512):
         for budget in (10, 100):
-            seconds, peak = pool.submit(measure, 2, "all", args.threads, n_pool, budget).result()
+            seconds, peak = pool.submit(peak_memory, MEMORY_CASE, "all", args.threads, n_pool, budget).result()
             lines.append(f"| {n_pool} | {budget} | {seconds:.1f} | {peak / 2**20:.0f} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines)
@@ -197,7 +222,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write("# Engine speed and memory\n\nCommand: `python benchmarks/engine_speed.py --threads "
-                    f"{args.threads} --out {args.out}`\n\n{text}\n")
+                    f"{args.threads} --rounds {args.rounds} --out {args.out}`\n\n{text}\n")
 
 
 if __name__ == "__main__":
