@@ -9,19 +9,25 @@ For each model, on the same random pool in one run (CPU):
   (e) opacus        per-sample gradients materialized by opacus' GradSampleModule (only if
                     opacus is importable, which dynal does not need, and only for models
                     without BatchNorm: opacus rejects BatchNorm and records only in train mode)
+  (f) backpack      per-sample gradients materialized by backpack-for-pytorch's BatchGrad (only
+                    if backpack is importable, which dynal does not need either)
 Throughput is pool images per second; memory is the sampled peak growth of resident memory.
 The labeled-set statistics (G_S) are computed once beforehand: they cost one pass over the
 labeled set, not the pool, and are the same for every query size.
 A second table runs (c) at two pool sizes and two budgets: its peak memory should not change.
 
 Usage: python benchmarks/engine_speed.py [--threads 2] [--rounds 5] [--out benchmarks/engine_speed.md]
+(e) and (f) need `pip install opacus backpack-for-pytorch` in the environment; they are skipped otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
 import multiprocessing
 import platform
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -113,9 +119,40 @@ def opacus_path(model, X, chunk, G):
     return torch.cat(out)
 
 
-def _has_opacus() -> bool:
+def backpack_model(model):
+    """A copy of the model extended for backpack (its graph converted to backpack's modules)."""
+    from backpack import extend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return extend(copy.deepcopy(model), use_converter=True).eval()
+
+
+def backpack_path(ext, X, chunk, G):
+    from backpack import backpack
+    from backpack.extensions import BatchGrad
+
+    params = list(ext.parameters())
+    Gs = list(G.values())  # the converted copy keeps the parameter order, not the names
+    assert [p.shape for p in params] == [g.shape for g in Gs]
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # backward hooks on modules whose inputs need no gradient
+        for i in range(0, len(X), chunk):
+            logits = ext(torch.from_numpy(X[i : i + chunk]))
+            with backpack(BatchGrad()):
+                F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
+            norm = sum(p.grad_batch.flatten(1).pow(2).sum(1) for p in params)
+            cross = sum(p.grad_batch.flatten(1) @ g.flatten() for p, g in zip(params, Gs))
+            out.append(norm + 2 * cross)
+            for p in params:
+                p.grad, p.grad_batch = None, None
+    return torch.cat(out)
+
+
+def _importable(name: str) -> bool:
     try:
-        import opacus  # noqa: F401
+        importlib.import_module(name)
     except ImportError:
         return False
     return True
@@ -125,7 +162,7 @@ def _has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-PATHS = ("inference", "last", "all", "vmap", "opacus")
+PATHS = ("inference", "last", "all", "vmap", "opacus", "backpack")
 
 
 def _setup(case: int, threads: int, n_pool: int | None = None, budget: int = BUDGET) -> dict:
@@ -149,11 +186,14 @@ def _setup(case: int, threads: int, n_pool: int | None = None, budget: int = BUD
         "vmap": lambda: vmap_path(model, X_mat, mat_chunk, G),
         "opacus": lambda: opacus_path(model, X_mat, mat_chunk, G),
     }
-    if not _has_opacus() or _has_batchnorm(model):
+    if not _importable("opacus") or _has_batchnorm(model):
         del runs["opacus"]
+    if _importable("backpack"):
+        ext = backpack_model(model)
+        runs["backpack"] = lambda: backpack_path(ext, X_mat, mat_chunk, G)
     inference(model, X[: 2 * chunk], chunk)  # warm-up
     # the materializing paths run on a sub-pool: their times are scaled to the full pool
-    scale = {p: (n / len(X_mat) if p in ("vmap", "opacus") else 1.0) for p in runs}
+    scale = {p: (n / len(X_mat) if p in ("vmap", "opacus", "backpack") else 1.0) for p in runs}
     return {"runs": runs, "scale": scale}
 
 
@@ -190,12 +230,13 @@ def main() -> None:
     lines = [
         f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; budget b = {BUDGET}, labeled set "
         f"M = {N_LABELED}. Times: per model one fresh process runs the paths interleaved, {args.rounds} rounds, "
-        "and keeps each path's best; (d) and (e) run on a sub-pool and are scaled to the full pool. Memory: "
+        "and keeps each path's best; (d), (e) and (f) run on a sub-pool and are scaled to the full pool. Memory: "
         "one run of each path in its own fresh process.",
         "",
         "| model | params | pool | chunk | (a) inference img/s | (b) last img/s | (c) all img/s | (d) vmap img/s | (e) opacus img/s "
-        "| (b)/(a) time | (c)/(a) time | (d)/(c) time | (e)/(c) time | peak MB (a) / (b) / (c) / (d) / (e) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| (f) backpack img/s | (b)/(a) time | (c)/(a) time | (d)/(c) time | (e)/(c) time | (f)/(c) time "
+        "| peak MB (a) / (b) / (c) / (d) / (e) / (f) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, (label, name, params, shape, n_pool, _, chunk) in enumerate(CASES):
         t = pool.submit(timings, case, args.threads, args.rounds).result()
@@ -206,8 +247,9 @@ def main() -> None:
         mem = " / ".join(f"{r[1] / 2**20:.0f}" if r else "-" for r in mems)
         lines.append(
             f"| {label} | {n_params / 1e6:.2f}M | {n_pool} | {chunk} | {rate('inference')} | {rate('last')} | {rate('all')} | "
-            f"{rate('vmap')} | {rate('opacus')} | {ratio('last', 'inference', 2)} | {ratio('all', 'inference', 2)} | "
-            f"{ratio('vmap', 'all', 1)} | {ratio('opacus', 'all', 1)} | {mem} |"
+            f"{rate('vmap')} | {rate('opacus')} | {rate('backpack')} | {ratio('last', 'inference', 2)} | "
+            f"{ratio('all', 'inference', 2)} | {ratio('vmap', 'all', 1)} | {ratio('opacus', 'all', 1)} | "
+            f"{ratio('backpack', 'all', 1)} | {mem} |"
         )
         print(lines[-1], flush=True)
     lines += ["", "Peak memory of (c) on ResNet-18 w0.5 against pool size N and budget b (one run each, fresh process):", "",
