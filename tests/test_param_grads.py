@@ -175,3 +175,20 @@ def test_all_equals_last_when_only_the_head_is_trainable(frozen, pseudo_label, t
         chunks = pool_chunks(model, X_pool, np.arange(11), strategy.outputs, ctx, chunk_size=4)
         scores[params] = np.concatenate([strategy.score(c, stats) for c in chunks])
     np.testing.assert_allclose(scores["all"], scores["last"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, size",
+    [(3, 1, 1, 1, (8, 8)), (3, 2, 1, 1, (9, 8)), (1, 2, 0, 1, (8, 7)), (2, 1, 0, 1, (5, 6)), (3, 2, 2, 2, (9, 9)), ((3, 1), (1, 2), (1, 0), 1, (6, 7))],
+)
+def test_patch_gram_without_unfolding_equals_the_unfolded_gram(kernel, stride, padding, dilation, size):
+    from dynal.engine.param_grads import _patch_gram
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, kernel, stride, padding, dilation)
+    a = torch.randn(2, 3, *size)
+    out_size = conv(a).shape[2:]
+    u = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    brute = torch.einsum("ncp,ncq->npq", u, u)
+    for unfold in (True, False, None):
+        torch.testing.assert_close(_patch_gram(conv, a, out_size, unfold=unfold), brute, rtol=1e-5, atol=1e-5)

@@ -128,6 +128,34 @@ def _linear_stats(m: nn.Linear, a: torch.Tensor, d: torch.Tensor, G: dict[str, t
     return norm, cross
 
 
+def _patch_gram(m: nn.Conv2d, a: torch.Tensor, out_size: Sequence[int], unfold: bool | None = None) -> torch.Tensor:
+    """Per-sample Gram matrix of a convolution's input patches, ``U^T U`` (n x L x L).
+
+    Either from the unfolded patches (``L^2 C k^2`` multiply-adds, plus the unfolded copy) or,
+    without unfolding, from the Gram matrix of the padded input's ``P`` positions (``P^2 C``):
+    ``(U^T U)[p, q] = sum_o (A^T A)[s p + d o, s q + d o]`` over the kernel offsets ``o``, with
+    stride ``s`` and dilation ``d``. ``unfold=None`` takes whichever costs fewer multiply-adds.
+    """
+    n, c, h, w = a.shape
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+    ho, wo = out_size
+    hp, wp = h + 2 * ph, w + 2 * pw
+    if unfold is None:
+        unfold = (hp * wp) ** 2 >= (ho * wo) ** 2 * kh * kw
+    if unfold:
+        u = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+        return torch.bmm(u.transpose(1, 2), u)
+    x = F.pad(a, (pw, pw, ph, ph)).flatten(2)
+    g = torch.bmm(x.transpose(1, 2), x).view(n, hp, wp, hp, wp)
+    total = torch.zeros(n, ho, wo, ho, wo, dtype=a.dtype)
+    for i in range(kh):
+        rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+        for j in range(kw):
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            total += g[:, rows, cols, rows, cols]
+    return total.view(n, ho * wo, ho * wo)
+
+
 def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample statistics of a convolution.
 
@@ -142,11 +170,11 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
     patch = m.weight[0].numel()  # C_in * kernel area
     norms, crosses = [], []
     if positions * (c_out + patch) < c_out * patch:
-        step = max(1, _BLOCK_ELEMENTS // (positions * (positions + patch)))
+        padded = (a.shape[2] + 2 * m.padding[0]) * (a.shape[3] + 2 * m.padding[1])
+        step = max(1, _BLOCK_ELEMENTS // (positions * (positions + patch) + padded * padded))
         for i in range(0, n, step):
-            u = F.unfold(a[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride)
             dd = d[i : i + step].flatten(2)
-            norms.append((torch.bmm(dd.transpose(1, 2), dd) * torch.bmm(u.transpose(1, 2), u)).sum((1, 2)))
+            norms.append((torch.bmm(dd.transpose(1, 2), dd) * _patch_gram(m, a[i : i + step], d.shape[2:])).sum((1, 2)))
         if G is not None:
             out = F.conv2d(a, G["weight"], None, m.stride, m.padding, m.dilation)
             crosses.append((out * d).sum((1, 2, 3)))
