@@ -36,6 +36,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from dynal.engine import Context, labeled_stats, pool_chunks
+from dynal.engine.param_grads import ParamGradStats
 from dynal.models import model_factory
 from dynal.resources import Measure
 from dynal.strategies import DynamicAL
@@ -101,19 +102,20 @@ def opacus_path(model, X, chunk, G):
 
     # opacus records activations only in train mode, and rejects BatchNorm: run it only on
     # models without BatchNorm or dropout, where train mode computes the same function
-    gsm = GradSampleModule(model)
+    gsm = GradSampleModule(model, loss_reduction="sum")
     gsm.train()
     out = []
-    for i in range(0, len(X), chunk):
-        x = torch.from_numpy(X[i : i + chunk])
-        logits = gsm(x)
-        F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
-        norm = sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in model.parameters())
-        cross = sum(p.grad_sample.flatten(1) @ G[n].flatten() for n, p in model.named_parameters())
-        out.append(norm + 2 * cross)
-        gsm.zero_grad(set_to_none=True)
-        for p in model.parameters():
-            p.grad_sample = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # backward hooks on modules whose inputs need no gradient
+        for i in range(0, len(X), chunk):
+            logits = gsm(torch.from_numpy(X[i : i + chunk]))
+            F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
+            norm = sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in model.parameters())
+            cross = sum(p.grad_sample.flatten(1) @ G[n].flatten() for n, p in model.named_parameters())
+            out.append(norm + 2 * cross)
+            gsm.zero_grad(set_to_none=True)
+            for p in model.parameters():
+                p.grad_sample = None
     gsm._close()
     model.eval()
     return torch.cat(out)
@@ -163,6 +165,7 @@ def _has_batchnorm(model: torch.nn.Module) -> bool:
 
 
 PATHS = ("inference", "last", "all", "vmap", "opacus", "backpack")
+MATERIALIZING = ("vmap", "opacus", "backpack")
 
 
 def _setup(case: int, threads: int, n_pool: int | None = None, budget: int = BUDGET) -> dict:
@@ -193,14 +196,32 @@ def _setup(case: int, threads: int, n_pool: int | None = None, budget: int = BUD
         runs["backpack"] = lambda: backpack_path(ext, X_mat, mat_chunk, G)
     inference(model, X[: 2 * chunk], chunk)  # warm-up
     # the materializing paths run on a sub-pool: their times are scaled to the full pool
-    scale = {p: (n / len(X_mat) if p in ("vmap", "opacus", "backpack") else 1.0) for p in runs}
-    return {"runs": runs, "scale": scale}
+    scale = {p: (n / len(X_mat) if p in MATERIALIZING else 1.0) for p in runs}
+    own = ParamGradStats(model, G)
+
+    def reference() -> torch.Tensor:
+        """dynal's scores (c) on the sub-pool, which the materializing paths must reproduce."""
+        parts = [own(torch.from_numpy(X_mat[i : i + chunk])) for i in range(0, len(X_mat), chunk)]
+        return torch.cat([norm + 2 * cross for norm, cross in parts])
+
+    return {"runs": runs, "scale": scale, "reference": reference}
+
+
+def check_agreement(setup: dict, rtol: float = 1e-4) -> None:
+    """Fail unless every materializing path gives dynal's scores on the sub-pool."""
+    ref = setup["reference"]()
+    for path in MATERIALIZING:
+        if path in setup["runs"]:
+            diff = (setup["runs"][path]().double() - ref).abs().max() / ref.abs().max()
+            if not diff <= rtol:
+                raise AssertionError(f"{path} scores differ from dynal's by {float(diff):.1e} (relative)")
 
 
 def timings(case: int, threads: int, rounds: int) -> dict[str, float | None]:
     """Best seconds of each path over ``rounds`` rounds, the paths interleaved in each round,
     so that a slow spell of the shared machine hits every path alike."""
     setup = _setup(case, threads)
+    check_agreement(setup)
     best = {p: float("inf") for p in setup["runs"]}
     for _ in range(rounds):
         for path, run in setup["runs"].items():
@@ -230,7 +251,8 @@ def main() -> None:
     lines = [
         f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; budget b = {BUDGET}, labeled set "
         f"M = {N_LABELED}. Times: per model one fresh process runs the paths interleaved, {args.rounds} rounds, "
-        "and keeps each path's best; (d), (e) and (f) run on a sub-pool and are scaled to the full pool. Memory: "
+        "and keeps each path's best; (d), (e) and (f) run on a sub-pool, are scaled to the full pool, and are checked "
+        "to give (c)'s scores there to 1e-4 relative. Memory: "
         "one run of each path in its own fresh process.",
         "",
         "| model | params | pool | chunk | (a) inference img/s | (b) last img/s | (c) all img/s | (d) vmap img/s | (e) opacus img/s "

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dynal.engine import Context, labeled_stats, pool_chunks
-from dynal.engine.param_grads import ParamGradStats, param_grad_sum
+from dynal.engine.param_grads import ParamGradStats, _patch_gram, param_grad_sum
 from dynal.models import MLP, ResNet18, SmallCNN
 from dynal.strategies import DynamicAL
 
@@ -182,8 +182,6 @@ def test_all_equals_last_when_only_the_head_is_trainable(frozen, pseudo_label, t
     [(3, 1, 1, 1, (8, 8)), (3, 2, 1, 1, (9, 8)), (1, 2, 0, 1, (8, 7)), (2, 1, 0, 1, (5, 6)), (3, 2, 2, 2, (9, 9)), ((3, 1), (1, 2), (1, 0), 1, (6, 7))],
 )
 def test_patch_gram_without_unfolding_equals_the_unfolded_gram(kernel, stride, padding, dilation, size):
-    from dynal.engine.param_grads import _patch_gram
-
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, kernel, stride, padding, dilation)
     a = torch.randn(2, 3, *size)
