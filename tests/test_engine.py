@@ -35,7 +35,7 @@ def _random_problem(bias=True, seed=0):
 
 def _engine_scores(model, X_lab, y_lab, X_pool, strategy, chunk_size=4):
     stats = labeled_stats(model, strategy.labeled, X_lab, y_lab, batch_size=4)
-    ctx = Context(model, stats, torch.Generator())
+    ctx = Context(model, stats, torch.Generator(), strategy.output_options())
     chunks = pool_chunks(model, X_pool, np.arange(len(X_pool)), strategy.outputs, ctx, chunk_size)
     return np.concatenate([strategy.score(c, stats) for c in chunks])
 

@@ -74,12 +74,43 @@ def _last_layer_grad(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     return {"r": residuals(p, p.argmax(1)).numpy(), "h": chunk.features.double().numpy()}
 
 
+def _pseudo_label(ctx: Context, output: str) -> str:
+    mode = ctx.options.get(output, {}).get("pseudo_label", "argmax")
+    if mode not in ("argmax", "expected"):
+        raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {mode!r}")
+    return mode
+
+
+def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
+    """Last-layer ``||g_u||^2`` and ``<g_u, G_S>`` in closed form (options: ``pseudo_label``).
+
+    ``||g_u||^2 = ||r_u||^2 (||h_u||^2 + 1)`` and ``<g_u, G_S> = r_u^T (A h_u + a)``, without the
+    ``+ 1`` and ``a`` when the head has no bias; ``<g_u, G_S>`` is zero when the labeled-set sums
+    ``A``, ``a`` were not computed. The d-long products (``||h_u||^2``, ``A h_u``) run in float32
+    on the features as the network computed them, with no float64 copy of ``h``; the rest in
+    float64. With ``"expected"`` both are averaged over ``y ~ p``: ``||r||^2`` becomes
+    ``1 - ||p||^2`` and the cross term vanishes (``E[r] = 0``).
+    """
+    p, h = chunk.probs, chunk.features
+    bias = 1.0 if ctx.model.head.bias is not None else 0.0
+    h_sq = (h * h).sum(1).double() + bias
+    cross = torch.zeros(len(p), dtype=torch.float64)
+    if _pseudo_label(ctx, "last_layer_stats") == "expected":
+        return {"grad_norm_sq": ((1.0 - (p * p).sum(1)) * h_sq).numpy(), "grad_dot_labeled": cross.numpy()}
+    r = residuals(p, p.argmax(1))
+    if "A" in ctx.stats:
+        if "last_layer_A" not in ctx.cache:  # K x d, the layout of a linear layer's weight
+            ctx.cache["last_layer_A"] = torch.from_numpy(ctx.stats["A"]).float().contiguous()
+        hA = F.linear(h, ctx.cache["last_layer_A"]).double()
+        cross = (r * (hA + bias * torch.from_numpy(ctx.stats["a"]))).sum(1)
+    return {"grad_norm_sq": ((r * r).sum(1) * h_sq).numpy(), "grad_dot_labeled": cross.numpy()}
+
+
 def _param_grad_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     """All-parameter ``||g_u||^2`` and ``<g_u, G_S>`` (options: ``pseudo_label``)."""
     if "param_grad_stats" not in ctx.cache:
         ctx.cache["param_grad_stats"] = ParamGradStats(ctx.model, ctx.stats.get("G_S"))
-    opts = ctx.options.get("param_grad_stats", {})
-    norm, cross = ctx.cache["param_grad_stats"](chunk.x, pseudo_label=opts.get("pseudo_label", "argmax"))
+    norm, cross = ctx.cache["param_grad_stats"](chunk.x, pseudo_label=_pseudo_label(ctx, "param_grad_stats"))
     return {"grad_norm_sq": norm.numpy(), "grad_dot_labeled": cross.numpy()}
 
 
@@ -148,6 +179,7 @@ POOL_OUTPUTS: dict[str, PoolOutput] = {
     "probs": _probs,
     "features": _features,
     "last_layer_grad": _last_layer_grad,
+    "last_layer_stats": _last_layer_stats,
     "param_grad_stats": _param_grad_stats,
     "mc_probs": _mc_probs,
 }

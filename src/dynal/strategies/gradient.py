@@ -18,26 +18,6 @@ from dynal.strategies.base import Chunks, ScoreStrategy, Strategy
 from dynal.strategies.collect import gather
 
 
-def last_layer_scores(
-    r: np.ndarray,
-    h: np.ndarray,
-    A: np.ndarray | None,
-    a: np.ndarray | None,
-    bias: bool,
-    train_term: float,
-) -> np.ndarray:
-    """Closed-form last-layer dynamicAL score for residuals ``r`` (N x K) and features ``h`` (N x d).
-
-    ``||g_u||^2 = ||r_u||^2 (||h_u||^2 + 1)`` and ``<g_u, G_S> = r_u^T (A h_u + a)``; the ``+1``
-    and ``a`` come from the head's bias and are dropped without one.
-    """
-    b = 1.0 if bias else 0.0
-    score = np.einsum("nk,nk->n", r, r) * (np.einsum("nd,nd->n", h, h) + b)
-    if train_term and A is not None:
-        score += train_term * np.einsum("nk,nk->n", r, h @ A.T + b * a)
-    return score
-
-
 class DynamicAL(ScoreStrategy):
     """dynamicAL: top-b of the per-sample training-dynamics gain.
 
@@ -74,26 +54,18 @@ class DynamicAL(ScoreStrategy):
         if params == "all":
             self.outputs = ("param_grad_stats",)
             self.labeled = ("param_grad_sum",) if cross else ()
-        elif pseudo_label == "argmax":
-            self.outputs = ("last_layer_grad",)
-            self.labeled = ("last_layer_grad_sum",) if cross else ()
         else:
-            self.outputs = ("probs", "features")
+            self.outputs = ("last_layer_stats",)
+            self.labeled = ("last_layer_grad_sum",) if cross else ()
 
     def output_options(self) -> dict[str, dict[str, Any]]:
-        return {"param_grad_stats": {"pseudo_label": self.pseudo_label}} if self.params == "all" else {}
+        return {self.outputs[0]: {"pseudo_label": self.pseudo_label}}
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params, "train_term": self.train_term, "pseudo_label": self.pseudo_label}
 
     def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
-        if self.params == "all":
-            return chunk["grad_norm_sq"] + self.train_term * chunk["grad_dot_labeled"]
-        bias = bool(stats["head_bias"])
-        if self.pseudo_label == "expected":
-            p, h = chunk["probs"], chunk["features"].astype(np.float64)
-            return (1.0 - np.einsum("nk,nk->n", p, p)) * (np.einsum("nd,nd->n", h, h) + float(bias))
-        return last_layer_scores(chunk["r"], chunk["h"], stats.get("A"), stats.get("a"), bias, self.train_term)
+        return chunk["grad_norm_sq"] + self.train_term * chunk["grad_dot_labeled"]
 
 
 class DynamicALGreedy(Strategy):
