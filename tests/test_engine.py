@@ -5,6 +5,7 @@ from torch.nn import functional as F
 
 from dynal.engine import Context, StreamingTopK, labeled_stats, pool_chunks, tie_keys
 from dynal.models import MLP
+from dynal.objective import single_gains
 from dynal.strategies import DynamicAL
 
 
@@ -121,3 +122,18 @@ def test_tie_keys_depend_on_salt_not_position():
     np.testing.assert_array_equal(a, b[::-1])
     assert not np.array_equal(a, tie_keys(ids, 2))
     assert len(np.unique(a)) == 100
+
+
+def test_last_layer_stats_match_the_float64_closed_form_on_wide_features():
+    torch.manual_seed(1)
+    model = MLP((20,), 10, hidden=[512]).eval()
+    rng = np.random.default_rng(1)
+    X_lab, y_lab = rng.normal(size=(50, 20)).astype(np.float32), rng.integers(0, 10, 50)
+    X_pool = rng.normal(size=(300, 20)).astype(np.float32)
+    stats = labeled_stats(model, ["last_layer_grad_sum"], X_lab, y_lab, batch_size=16)
+    ctx = Context(model, stats, torch.Generator())
+    chunks = list(pool_chunks(model, X_pool, np.arange(300), ["last_layer_stats", "last_layer_grad"], ctx, chunk_size=64))
+    got = np.concatenate([c["grad_norm_sq"] + 2 * c["grad_dot_labeled"] for c in chunks])
+    r, h = (np.concatenate([c[k] for c in chunks]) for k in ("r", "h"))
+    want = single_gains(r, h, stats["A"], stats["a"], bias=True)  # all in float64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
