@@ -86,9 +86,9 @@ def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
 
     ``||g_u||^2 = ||r_u||^2 (||h_u||^2 + 1)`` and ``<g_u, G_S> = r_u^T (A h_u + a)``, without the
     ``+ 1`` and ``a`` when the head has no bias; ``<g_u, G_S>`` is zero when the labeled-set sums
-    ``A``, ``a`` were not computed. The d-long products (``||h_u||^2``, ``A h_u``) run in float32
-    on the features as the network computed them, with no float64 copy of ``h``; the rest in
-    float64. With ``"expected"`` both are averaged over ``y ~ p``: ``||r||^2`` becomes
+    ``A``, ``a`` were not computed. The d-long products (``||h_u||^2``, ``A h_u``) run in the
+    features' own precision (float32 for the builtin models), with no float64 copy of ``h``; the
+    rest in float64. With ``"expected"`` both are averaged over ``y ~ p``: ``||r||^2`` becomes
     ``1 - ||p||^2`` and the cross term vanishes (``E[r] = 0``).
     """
     p, h = chunk.probs, chunk.features
@@ -100,7 +100,7 @@ def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     r = residuals(p, p.argmax(1))
     if "A" in ctx.stats:
         if "last_layer_A" not in ctx.cache:  # K x d, the layout of a linear layer's weight
-            ctx.cache["last_layer_A"] = torch.from_numpy(ctx.stats["A"]).float().contiguous()
+            ctx.cache["last_layer_A"] = torch.from_numpy(ctx.stats["A"]).to(h.dtype).contiguous()
         hA = F.linear(h, ctx.cache["last_layer_A"]).double()
         cross = (r * (hA + bias * torch.from_numpy(ctx.stats["a"]))).sum(1)
     return {"grad_norm_sq": ((r * r).sum(1) * h_sq).numpy(), "grad_dot_labeled": cross.numpy()}
