@@ -29,6 +29,7 @@ import multiprocessing
 import platform
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -97,6 +98,14 @@ def vmap_path(model, X, chunk, G):
     return torch.cat(out)
 
 
+@contextmanager
+def _quiet():
+    """Silence the libraries' warnings (backward hooks on modules whose inputs need no gradient)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def opacus_path(model, X, chunk, G):
     from opacus import GradSampleModule
 
@@ -105,8 +114,7 @@ def opacus_path(model, X, chunk, G):
     gsm = GradSampleModule(model, loss_reduction="sum")
     gsm.train()
     out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # backward hooks on modules whose inputs need no gradient
+    with _quiet():
         for i in range(0, len(X), chunk):
             logits = gsm(torch.from_numpy(X[i : i + chunk]))
             F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
@@ -125,8 +133,7 @@ def backpack_model(model):
     """A copy of the model extended for backpack (its graph converted to backpack's modules)."""
     from backpack import extend
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         return extend(copy.deepcopy(model), use_converter=True).eval()
 
 
@@ -138,8 +145,7 @@ def backpack_path(ext, X, chunk, G):
     Gs = list(G.values())  # the converted copy keeps the parameter order, not the names
     assert [p.shape for p in params] == [g.shape for g in Gs]
     out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # backward hooks on modules whose inputs need no gradient
+    with _quiet():
         for i in range(0, len(X), chunk):
             logits = ext(torch.from_numpy(X[i : i + chunk]))
             with backpack(BatchGrad()):
