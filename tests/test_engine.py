@@ -89,6 +89,22 @@ def test_pool_chunks_cover_each_row_once_and_respect_rows():
         list(pool_chunks(model, X_pool, np.arange(13), ["gradz"], ctx))
 
 
+def test_pool_chunks_run_numpy_blas_single_threaded_and_restore_it():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("numpy has no BLAS thread pool here")
+    before = [p["num_threads"] for p in blas]
+    model, _, _, X_pool = _random_problem()
+    ctx = Context(model, {}, torch.Generator())
+    for _ in range(2):  # the thread pools are found once and reused by later passes
+        for _ in pool_chunks(model, X_pool, np.arange(len(X_pool)), ["probs"], ctx, 4):
+            inside = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+            assert inside == [1] * len(blas)
+        after = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+        assert after == before
+
+
 def _brute_topk(ids, scores, k, salt):
     keys = tie_keys(ids, salt)
     order = sorted(range(len(ids)), key=lambda i: (-scores[i], -int(keys[i])))

@@ -51,7 +51,7 @@ class Chunk:
 
     @cached_property
     def probs(self) -> torch.Tensor:
-        return F.softmax(self.logits.double(), dim=1)
+        return F.softmax(self.logits, dim=1, dtype=torch.float64)
 
 
 def _probs(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
@@ -93,17 +93,18 @@ def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     """
     p, h = chunk.probs, chunk.features
     bias = 1.0 if ctx.model.head.bias is not None else 0.0
-    h_sq = (h * h).sum(1).double() + bias
+    h_sq = torch.linalg.vecdot(h, h).double() + bias
     cross = torch.zeros(len(p), dtype=torch.float64)
     if _pseudo_label(ctx, "last_layer_stats") == "expected":
-        return {"grad_norm_sq": ((1.0 - (p * p).sum(1)) * h_sq).numpy(), "grad_dot_labeled": cross.numpy()}
+        return {"grad_norm_sq": ((1.0 - torch.linalg.vecdot(p, p)) * h_sq).numpy(), "grad_dot_labeled": cross.numpy()}
     r = residuals(p, p.argmax(1))
     if "A" in ctx.stats:
         if "last_layer_A" not in ctx.cache:  # K x d, the layout of a linear layer's weight
             ctx.cache["last_layer_A"] = torch.from_numpy(ctx.stats["A"]).to(h.dtype).contiguous()
+            ctx.cache["last_layer_a"] = torch.from_numpy(bias * ctx.stats["a"])
         hA = F.linear(h, ctx.cache["last_layer_A"]).double()
-        cross = (r * (hA + bias * torch.from_numpy(ctx.stats["a"]))).sum(1)
-    return {"grad_norm_sq": ((r * r).sum(1) * h_sq).numpy(), "grad_dot_labeled": cross.numpy()}
+        cross = torch.linalg.vecdot(r, hA.add_(ctx.cache["last_layer_a"]))
+    return {"grad_norm_sq": (torch.linalg.vecdot(r, r) * h_sq).numpy(), "grad_dot_labeled": cross.numpy()}
 
 
 def _param_grad_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
