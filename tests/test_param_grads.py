@@ -120,7 +120,8 @@ def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions():
         def __init__(self):
             super().__init__()
             self.body = nn.Sequential(
-                nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2, bias=True), nn.ReLU(),
+                nn.Conv2d(1, 8, 3, padding=2, dilation=2, bias=True), nn.ReLU(),  # one channel: unfolded
+                nn.Conv2d(8, 3, 3, stride=2, padding=2, dilation=2, bias=True), nn.ReLU(),  # grouped
                 nn.Conv2d(3, 40, 2, bias=True), nn.Tanh(),  # few positions: the Gram form
                 nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             )
@@ -133,7 +134,7 @@ def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions():
             return self.head(self.features(x))
 
     model = ConvNet().eval()
-    X_lab, y_lab, X_pool = torch.randn(4, 2, 7, 7), torch.tensor([0, 1, 2, 1]), torch.randn(5, 2, 7, 7)
+    X_lab, y_lab, X_pool = torch.randn(4, 1, 7, 7), torch.tensor([0, 1, 2, 1]), torch.randn(5, 1, 7, 7)
     G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
     norm, cross = ParamGradStats(model, G)(X_pool)
     ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)

@@ -161,7 +161,8 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
 
     The per-sample weight gradient is ``D_u U_u^T`` (output gradient times unfolded input,
     C_out x L times L x C_in k^2). Early layers (many positions L) build it as one grouped
-    weight-gradient convolution, one group per sample; late layers (L (C_out + C_in k^2) <
+    weight-gradient convolution, one group per sample, or, when the unfolded input is no larger
+    than the layer's input and output (few input channels), as one batched product; late layers (L (C_out + C_in k^2) <
     C_out C_in k^2, the cheaper side of the two costs) use
     the Gram form ``||D U^T||^2 = sum((D^T D) * (U^T U))`` and never build it.
     """
@@ -179,16 +180,23 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
             out = F.conv2d(a, G["weight"], None, m.stride, m.padding, m.dilation)
             crosses.append((out * d).sum((1, 2, 3)))
     else:
-        step = max(1, _BLOCK_ELEMENTS // (c_out * patch))
+        # few input channels (a stem): the unfolded patches are no larger than the layer's input
+        # and output, and one batched product beats the grouped convolution
+        unfold = patch * positions <= a[0].numel() + d[0].numel()
+        step = max(1, _BLOCK_ELEMENTS // (c_out * patch + (patch * positions if unfold else 0)))
         Gw = G["weight"].flatten() if G is not None else None
         for i in range(0, n, step):
             k = len(a[i : i + step])
-            gw = torch.ops.aten.convolution_backward(
-                d[i : i + step].reshape(1, k * c_out, *d.shape[2:]),
-                a[i : i + step].reshape(1, -1, *a.shape[2:]),
-                m.weight.detach().repeat(k, 1, 1, 1),  # only its shape matters: no input gradient
-                None, m.stride, m.padding, m.dilation, False, [0, 0], k, [False, True, False],
-            )[1].view(k, -1)
+            if unfold:
+                u = F.unfold(a[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride)
+                gw = torch.bmm(d[i : i + step].flatten(2), u.transpose(1, 2)).view(k, -1)
+            else:
+                gw = torch.ops.aten.convolution_backward(
+                    d[i : i + step].reshape(1, k * c_out, *d.shape[2:]),
+                    a[i : i + step].reshape(1, -1, *a.shape[2:]),
+                    m.weight.new_empty((k * c_out, *m.weight.shape[1:])),  # only its shape is read
+                    None, m.stride, m.padding, m.dilation, False, [0, 0], k, [False, True, False],
+                )[1].view(k, -1)
             norms.append(torch.linalg.vector_norm(gw, dim=1).square())
             if Gw is not None:
                 crosses.append(gw @ Gw)
