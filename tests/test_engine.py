@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import threadpoolctl
 import torch
 from torch.nn import functional as F
 
@@ -90,7 +91,6 @@ def test_pool_chunks_cover_each_row_once_and_respect_rows():
 
 
 def test_pool_chunks_run_numpy_blas_single_threaded_and_restore_it():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
     blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
     if not blas:
         pytest.skip("numpy has no BLAS thread pool here")
