@@ -61,8 +61,25 @@ class InplaceNet(nn.Module):
         return self.head(self.features(x))
 
 
+class TokenNet(nn.Module):
+    """A Linear applied to every position of a sequence (N, T, d), then mean-pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 6)
+        self.mix = nn.Linear(6, 6, bias=False)
+        self.head = nn.Linear(6, 4)
+
+    def features(self, x):
+        return torch.tanh(self.mix(torch.tanh(self.embed(x)))).mean(1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 MODELS = {
     "mlp": (lambda: MLP((5,), 4, hidden=[7, 6]), (5,)),
+    "tokens": (TokenNet, (7, 3)),
     "cnn-bn": (lambda: SmallCNN((2, 9, 9), 3, width=4, hidden=8), (2, 9, 9)),
     "resnet": (lambda: ResNet18((3, 8, 8), 5, width=0.0625), (3, 8, 8)),
 }
