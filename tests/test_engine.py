@@ -153,3 +153,48 @@ def test_last_layer_stats_match_the_float64_closed_form_on_wide_features():
     r, h = (np.concatenate([c[k] for c in chunks]) for k in ("r", "h"))
     want = single_gains(r, h, stats["A"], stats["a"], bias=True)  # all in float64
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def _last_layer_outputs(model, stats, X_pool, outputs=("last_layer_stats",)):
+    ctx = Context(model, stats, torch.Generator())
+    chunks = list(pool_chunks(model, X_pool, np.arange(len(X_pool)), list(outputs), ctx, chunk_size=16))
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def test_last_layer_norm_is_accurate_for_confident_predictions():
+    # p_y = 1 - 1e-12: forming r = p - e_y in float64 loses about four digits of ||r||^2
+    torch.manual_seed(0)
+    model = MLP((6,), 5, hidden=[8]).eval()
+    X_pool = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    with torch.no_grad():
+        model.head.weight.mul_(100.0)
+    got = _last_layer_outputs(model, {}, X_pool)["grad_norm_sq"]
+    with torch.no_grad():
+        x = torch.from_numpy(X_pool)
+        h, z = model.features(x).double(), model(x).double()
+    logp = torch.log_softmax(z, 1)
+    y = z.argmax(1)
+    off = logp.exp().scatter(1, y[:, None], 0.0)  # p_k for k != y, each to float64 precision
+    r_sq = off.sum(1) ** 2 + off.pow(2).sum(1)
+    want = (r_sq * (h.pow(2).sum(1) + 1)).numpy()
+    naive = F.softmax(z, 1) - F.one_hot(y, 5)  # the case this test is about occurs
+    assert not np.allclose(naive.pow(2).sum(1).numpy(), r_sq.numpy(), rtol=1e-5, atol=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_last_layer_stats_same_with_a_hooked_head_and_share_the_logits():
+    model, X_lab, y_lab, X_pool = _random_problem(seed=3)
+    stats = labeled_stats(model, ["last_layer_grad_sum"], X_lab, y_lab, batch_size=4)
+    fused = _last_layer_outputs(model, stats, X_pool, ("last_layer_stats", "probs"))
+    with torch.no_grad():
+        want_probs = F.softmax(model(torch.from_numpy(X_pool)).double(), 1).numpy()
+    np.testing.assert_allclose(fused["probs"], want_probs, rtol=1e-6)
+    calls = []
+    handle = model.head.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+    try:  # a hooked head is called as a module, so the product with [W; A] is not taken
+        plain = _last_layer_outputs(model, stats, X_pool, ("last_layer_stats", "probs"))
+    finally:
+        handle.remove()
+    assert sum(calls) == len(X_pool)
+    for key in ("grad_norm_sq", "grad_dot_labeled", "probs"):
+        np.testing.assert_allclose(plain[key], fused[key], rtol=1e-5, atol=1e-7)

@@ -81,30 +81,67 @@ def _pseudo_label(ctx: Context, output: str) -> str:
     return mode
 
 
+def _head_and_cross(chunk: Chunk, ctx: Context, bias: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float64 logits ``z`` and ``c = A h + a`` (``None`` without the labeled sums ``A``, ``a``),
+    each K x n, one column per sample.
+
+    A plain ``nn.Linear`` head (no hooks) computes both in one product with ``[W; A]``, which
+    costs what the head alone does; its logits then serve the chunk's other outputs.
+    """
+    if "A" not in ctx.stats:
+        return chunk.logits.double().numpy().T, None
+    h, head = chunk.features, ctx.model.head
+    if "last_layer_head" not in ctx.cache:  # K x d, the layout of a linear layer's weight
+        A = torch.from_numpy(ctx.stats["A"]).to(h.dtype)
+        fuse = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+        if fuse:
+            b = head.bias.detach() if head.bias is not None else torch.zeros(len(A), dtype=h.dtype)
+            weight, b = torch.cat([head.weight.detach(), A]), torch.cat([b, torch.zeros(len(A), dtype=h.dtype)])[:, None]
+        else:
+            weight, b = A.contiguous(), None
+        ctx.cache["last_layer_head"] = (fuse, weight, b, bias * ctx.stats["a"][:, None])
+    fuse, weight, b, a = ctx.cache["last_layer_head"]
+    if fuse and "logits" not in chunk.__dict__:
+        out = torch.addmm(b, weight, h.T)
+        K = len(out) // 2
+        chunk.logits = out[:K].T  # the chunk's cached forward pass, as ``head(features)``
+        out = out.numpy().astype(np.float64)
+        z, c = out[:K], out[K:]
+    else:
+        z = chunk.logits.double().numpy().T
+        c = (weight[len(weight) // 2 :] if fuse else weight).matmul(h.T).numpy().astype(np.float64)
+    c += a
+    return z, c
+
+
 def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     """Last-layer ``||g_u||^2`` and ``<g_u, G_S>`` in closed form (options: ``pseudo_label``).
 
     ``||g_u||^2 = ||r_u||^2 (||h_u||^2 + 1)`` and ``<g_u, G_S> = r_u^T (A h_u + a)``, without the
     ``+ 1`` and ``a`` when the head has no bias; ``<g_u, G_S>`` is zero when the labeled-set sums
-    ``A``, ``a`` were not computed. The d-long products (``||h_u||^2``, ``A h_u``) run in the
-    features' own precision (float32 for the builtin models), with no float64 copy of ``h``; the
-    rest in float64. With ``"expected"`` both are averaged over ``y ~ p``: ``||r||^2`` becomes
+    ``A``, ``a`` were not computed. ``r = p - e_y`` is never formed: with ``e_k = exp(z_k - z_y)``
+    for ``k != y`` (0 at the argmax ``y``), ``q = sum_k e_k`` and ``p = e / (1 + q)`` off ``y``,
+    ``||r||^2 = (q^2 + ||e||^2) / (1 + q)^2`` and ``r^T c = (e^T c - q c_y) / (1 + q)``, which
+    have no cancellation however confident the model is. The d-long products (``||h_u||^2``,
+    ``A h_u``) run in the features' own precision (float32 for the builtin models), the rest in
+    float64. With ``"expected"`` both are averaged over ``y ~ p``: ``||r||^2`` becomes
     ``1 - ||p||^2`` and the cross term vanishes (``E[r] = 0``).
     """
-    p, h = chunk.probs, chunk.features
+    h = chunk.features
     bias = 1.0 if ctx.model.head.bias is not None else 0.0
-    h_sq = torch.linalg.vecdot(h, h).double() + bias
-    cross = torch.zeros(len(p), dtype=torch.float64)
+    h_sq = torch.linalg.vector_norm(h, dim=1).numpy().astype(np.float64) ** 2 + bias
     if _pseudo_label(ctx, "last_layer_stats") == "expected":
-        return {"grad_norm_sq": ((1.0 - torch.linalg.vecdot(p, p)) * h_sq).numpy(), "grad_dot_labeled": cross.numpy()}
-    r = residuals(p, p.argmax(1))
-    if "A" in ctx.stats:
-        if "last_layer_A" not in ctx.cache:  # K x d, the layout of a linear layer's weight
-            ctx.cache["last_layer_A"] = torch.from_numpy(ctx.stats["A"]).to(h.dtype).contiguous()
-            ctx.cache["last_layer_a"] = torch.from_numpy(bias * ctx.stats["a"])
-        hA = F.linear(h, ctx.cache["last_layer_A"]).double()
-        cross = torch.linalg.vecdot(r, hA.add_(ctx.cache["last_layer_a"]))
-    return {"grad_norm_sq": (torch.linalg.vecdot(r, r) * h_sq).numpy(), "grad_dot_labeled": cross.numpy()}
+        p = chunk.probs.numpy()
+        return {"grad_norm_sq": (1.0 - np.einsum("nk,nk->n", p, p)) * h_sq, "grad_dot_labeled": np.zeros(len(p))}
+    z, c = _head_and_cross(chunk, ctx, bias)
+    y, cols = z.argmax(0), np.arange(z.shape[1])
+    e = np.exp(z - z[y, cols])
+    e[y, cols] = 0.0
+    q = e.sum(0)
+    inv = 1.0 / (1.0 + q)
+    norm = (q * q + (e * e).sum(0)) * (inv * inv * h_sq)
+    cross = ((e * c).sum(0) - q * c[y, cols]) * inv if c is not None else np.zeros(len(q))
+    return {"grad_norm_sq": norm, "grad_dot_labeled": cross}
 
 
 def _param_grad_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:

@@ -53,18 +53,18 @@ class StreamingTopK:
         if self.k == 0 or len(ids) == 0:
             return
         if len(self.ids) == self.k:  # drop candidates that cannot enter before hashing and sorting
-            floor, floor_key = self.scores[-1], self.keys[-1]
-            above = np.flatnonzero(scores >= floor)
-            if len(above) == 0:
-                return
+            above = np.flatnonzero(scores >= self.scores[-1])
             ids, scores = ids[above], scores[above]
-            keys = tie_keys(ids, self.salt)
-            enters = (scores > floor) | (keys > floor_key)
+        if len(ids) > self.k:  # only the chunk's k best, and ties with its k-th, can enter
+            kth = np.partition(scores, len(scores) - self.k)[len(scores) - self.k]
+            best = np.flatnonzero(scores >= kth)
+            ids, scores = ids[best], scores[best]
+        keys = tie_keys(ids, self.salt)
+        if len(self.ids) == self.k:
+            enters = (scores > self.scores[-1]) | (keys > self.keys[-1])
             ids, scores, keys = ids[enters], scores[enters], keys[enters]
-            if len(ids) == 0:
-                return
-        else:
-            keys = tie_keys(ids, self.salt)
+        if len(ids) == 0:
+            return
         ids = np.concatenate([self.ids, ids])
         scores = np.concatenate([self.scores, scores])
         keys = np.concatenate([self.keys, keys])
