@@ -91,8 +91,8 @@ def _head_and_cross(chunk: Chunk, ctx: Context, bias: float) -> tuple[np.ndarray
     if "A" not in ctx.stats:
         return chunk.logits.double().numpy().T, None
     h, head = chunk.features, ctx.model.head
-    if "last_layer_head" not in ctx.cache:  # K x d, the layout of a linear layer's weight
-        A = torch.from_numpy(ctx.stats["A"]).to(h.dtype)
+    if "last_layer_head" not in ctx.cache:
+        A = torch.from_numpy(ctx.stats["A"]).to(h.dtype)  # K x d, the layout of the head's weight
         fuse = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
         if fuse:
             b = head.bias.detach() if head.bias is not None else torch.zeros(len(A), dtype=h.dtype)
