@@ -185,7 +185,13 @@ def test_last_layer_norm_is_accurate_for_confident_predictions():
 def test_last_layer_stats_same_with_a_hooked_head_and_share_the_logits():
     model, X_lab, y_lab, X_pool = _random_problem(seed=3)
     stats = labeled_stats(model, ["last_layer_grad_sum"], X_lab, y_lab, batch_size=4)
-    fused = _last_layer_outputs(model, stats, X_pool, ("last_layer_stats", "probs"))
+    called = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: called.append(m))
+    try:
+        fused = _last_layer_outputs(model, stats, X_pool, ("last_layer_stats", "probs"))
+    finally:
+        handle.remove()
+    assert model.head not in called and model.body in called  # the product with [W; A] served as the head
     with torch.no_grad():
         want_probs = F.softmax(model(torch.from_numpy(X_pool)).double(), 1).numpy()
     np.testing.assert_allclose(fused["probs"], want_probs, rtol=1e-6)
