@@ -111,15 +111,16 @@ def _brute_topk(ids, scores, k, salt):
     return ids[order[:k]]
 
 
+@pytest.mark.parametrize("buffer", [1, 20, 8192])  # merges after every chunk, every few, once
 @pytest.mark.parametrize("k", [0, 1, 7, 50, 200])
-def test_streaming_topk_matches_brute_force_in_any_order(k):
+def test_streaming_topk_matches_brute_force_in_any_order(k, buffer):
     rng = np.random.default_rng(k)
     ids = rng.permutation(10_000)[:150].astype(np.int64)
     scores = rng.integers(0, 10, 150).astype(float)  # many ties
     expected = _brute_topk(ids, scores, k, salt=99)
     for trial in range(3):
         perm = rng.permutation(150)
-        topk = StreamingTopK(k, salt=99)
+        topk = StreamingTopK(k, salt=99, buffer=buffer)
         for part in np.array_split(perm, 1 + trial * 4):
             topk.push(ids[part], scores[part])
         got, got_scores = topk.result()
@@ -130,6 +131,17 @@ def test_streaming_topk_matches_brute_force_in_any_order(k):
 def test_streaming_topk_rejects_nan():
     with pytest.raises(ValueError, match="NaN"):
         StreamingTopK(2, 0).push(np.arange(3), np.array([0.0, np.nan, 1.0]))
+
+
+def test_streaming_topk_memory_stays_bounded_under_ties_and_arrays_can_be_reused():
+    topk = StreamingTopK(5, salt=3, buffer=1000)
+    ids, scores = np.empty(40, dtype=np.int64), np.zeros(40)
+    for start in range(0, 4000, 40):  # every score ties with the floor
+        ids[:] = np.arange(start, start + 40)  # the caller refills the same arrays
+        topk.push(ids, scores)
+        assert len(topk.ids) + topk._n_waiting <= 5 + 1000 + 40
+    got, _ = topk.result()
+    np.testing.assert_array_equal(got, _brute_topk(np.arange(4000), np.zeros(4000), 5, salt=3))
 
 
 def test_tie_keys_depend_on_salt_not_position():

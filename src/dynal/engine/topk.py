@@ -27,52 +27,68 @@ def draw_salt(rng: np.random.Generator) -> int:
 
 
 class StreamingTopK:
-    """Keeps the ``k`` highest-scoring ids seen so far in O(k) memory.
+    """Keeps the ``k`` highest-scoring ids seen so far in O(k + buffer) memory.
 
     Order is by score, then by tie key (both descending), so the result does not depend on
-    the order in which chunks arrive.
+    the order in which chunks arrive. A push only drops the candidates below the current floor
+    (the k-th best score found so far) and buffers the rest; once more than ``buffer``
+    candidates wait, they are merged with the kept ones, and only then are tie keys hashed and
+    the best k sorted. So most pushes of a long pass cost a comparison and a copy.
     """
 
-    def __init__(self, k: int, salt: int) -> None:
+    def __init__(self, k: int, salt: int, buffer: int = 8192) -> None:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        if buffer < 1:
+            raise ValueError(f"buffer must be >= 1, got {buffer}")
         self.k = k
         self.salt = salt
-        self.ids = np.empty(0, dtype=np.int64)
+        self.buffer = buffer
+        self.ids = np.empty(0, dtype=np.int64)  # the best k after the last merge, best first
         self.scores = np.empty(0, dtype=np.float64)
-        self.keys = np.empty(0, dtype=np.uint64)
+        self.floor = -np.inf  # no candidate scoring below it can enter
+        self._waiting: list[tuple[np.ndarray, np.ndarray]] = []
+        self._n_waiting = 0
 
     def push(self, ids: np.ndarray, scores: np.ndarray) -> None:
         """Offer a chunk of candidates."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         if len(scores) != len(ids):
             raise ValueError(f"{len(scores)} scores for {len(ids)} ids")
         if np.isnan(scores).any():
             raise ValueError("a strategy returned NaN scores")
-        if self.k == 0 or len(ids) == 0:
+        if self.k == 0:
             return
-        if len(self.ids) == self.k:  # drop candidates that cannot enter before hashing and sorting
-            above = np.flatnonzero(scores >= self.scores[-1])
+        if self.floor > -np.inf:
+            above = np.flatnonzero(scores >= self.floor)
             ids, scores = ids[above], scores[above]
-        if len(ids) > self.k:  # only the chunk's k best, and ties with its k-th, can enter
+        if len(ids) == 0:
+            return
+        self._waiting.append((ids.copy(), scores.copy()))  # the caller may reuse its arrays
+        self._n_waiting += len(ids)
+        if self._n_waiting > self.buffer:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Merge the waiting candidates into the best k and raise the floor."""
+        if not self._waiting:
+            return
+        ids = np.concatenate([self.ids, *(i for i, _ in self._waiting)])
+        scores = np.concatenate([self.scores, *(s for _, s in self._waiting)])
+        self._waiting, self._n_waiting = [], 0
+        if len(ids) > self.k:  # only the k best, and ties with the k-th, can stay
             kth = np.partition(scores, len(scores) - self.k)[len(scores) - self.k]
             best = np.flatnonzero(scores >= kth)
             ids, scores = ids[best], scores[best]
-        keys = tie_keys(ids, self.salt)
+        order = np.lexsort((~tie_keys(ids, self.salt), -scores))[: self.k]
+        self.ids, self.scores = ids[order], scores[order]
         if len(self.ids) == self.k:
-            enters = (scores > self.scores[-1]) | (keys > self.keys[-1])
-            ids, scores, keys = ids[enters], scores[enters], keys[enters]
-        if len(ids) == 0:
-            return
-        ids = np.concatenate([self.ids, ids])
-        scores = np.concatenate([self.scores, scores])
-        keys = np.concatenate([self.keys, keys])
-        order = np.lexsort((~keys, -scores))[: self.k]
-        self.ids, self.scores, self.keys = ids[order], scores[order], keys[order]
+            self.floor = self.scores[-1]
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of the kept candidates, best first."""
+        self._merge()
         return self.ids.copy(), self.scores.copy()
 
 
