@@ -92,24 +92,22 @@ def _head_and_cross(chunk: Chunk, ctx: Context, bias: float) -> tuple[np.ndarray
         return chunk.logits.double().numpy().T, None
     h, head = chunk.features, ctx.model.head
     if "last_layer_head" not in ctx.cache:
-        A = torch.from_numpy(ctx.stats["A"]).to(h.dtype)  # K x d, the layout of the head's weight
-        fuse = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
-        if fuse:
+        A = torch.from_numpy(ctx.stats["A"]).to(h.dtype).contiguous()  # K x d, as the head's weight
+        fused = None
+        if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
             b = head.bias.detach() if head.bias is not None else torch.zeros(len(A), dtype=h.dtype)
-            weight, b = torch.cat([head.weight.detach(), A]), torch.cat([b, torch.zeros(len(A), dtype=h.dtype)])[:, None]
-        else:
-            weight, b = A.contiguous(), None
-        ctx.cache["last_layer_head"] = (fuse, weight, b, bias * ctx.stats["a"][:, None])
-    fuse, weight, b, a = ctx.cache["last_layer_head"]
-    if fuse and "logits" not in chunk.__dict__:
-        out = torch.addmm(b, weight, h.T)
-        K = len(out) // 2
+            fused = (torch.cat([b, torch.zeros(len(A), dtype=h.dtype)])[:, None], torch.cat([head.weight.detach(), A]))
+        ctx.cache["last_layer_head"] = (A, fused, bias * ctx.stats["a"][:, None])
+    A, fused, a = ctx.cache["last_layer_head"]
+    if fused is not None and "logits" not in chunk.__dict__:
+        out = torch.addmm(*fused, h.T)
+        K = len(A)
         chunk.logits = out[:K].T  # the chunk's cached forward pass, as ``head(features)``
         out = out.numpy().astype(np.float64)
         z, c = out[:K], out[K:]
     else:
         z = chunk.logits.double().numpy().T
-        c = (weight[len(weight) // 2 :] if fuse else weight).matmul(h.T).numpy().astype(np.float64)
+        c = A.matmul(h.T).numpy().astype(np.float64)
     c += a
     return z, c
 

@@ -60,12 +60,14 @@ class StreamingTopK:
             raise ValueError("a strategy returned NaN scores")
         if self.k == 0:
             return
-        if self.floor > -np.inf:
+        if self.floor > -np.inf:  # indexing copies, and the caller may reuse its arrays
             above = np.flatnonzero(scores >= self.floor)
             ids, scores = ids[above], scores[above]
+        else:
+            ids, scores = ids.copy(), scores.copy()
         if len(ids) == 0:
             return
-        self._waiting.append((ids.copy(), scores.copy()))  # the caller may reuse its arrays
+        self._waiting.append((ids, scores))
         self._n_waiting += len(ids)
         if self._n_waiting > self.buffer:
             self._merge()
