@@ -15,9 +15,10 @@ from dynal.strategies import DynamicAL
 
 
 def _flat_grad(model, x, label):
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied parameter once
     loss = F.cross_entropy(model(x[None]), torch.tensor([label]))
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)]).double()
 
 
 def _reference(model, X_lab, y_lab, X_pool, pseudo_label="argmax"):
@@ -94,7 +95,11 @@ def test_all_parameter_statistics_equal_per_sample_autograd(name, pseudo_label):
     X_lab, y_lab = torch.randn(6, *shape), torch.randint(0, model.head.out_features, (6,))
     X_pool = torch.randn(5, *shape)
     G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), batch_size=4)["G_S"]
-    norm, cross = ParamGradStats(model, G)(X_pool, pseudo_label=pseudo_label)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer of these models has the fast path
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool, pseudo_label=pseudo_label)
+    assert stats.checked and not stats.other
     ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool, pseudo_label)
     np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
     if pseudo_label == "argmax":
@@ -208,3 +213,147 @@ def test_patch_gram_without_unfolding_equals_the_unfolded_gram(kernel, stride, p
     brute = torch.einsum("ncp,ncq->npq", u, u)
     for unfold in (True, False, None):
         torch.testing.assert_close(_patch_gram(conv, a, out_size, unfold=unfold), brute, rtol=1e-5, atol=1e-5)
+
+
+class Tied(nn.Module):
+    """Weights shared between modules: two Linears, or an Embedding and the head."""
+
+    def __init__(self, embedding: bool):
+        super().__init__()
+        self.embedding = embedding
+        if embedding:
+            self.emb, self.mid, self.head = nn.Embedding(3, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+            self.head.weight = self.emb.weight
+        else:
+            self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+            self.b.weight = self.a.weight
+
+    def forward(self, x):
+        if self.embedding:
+            return self.head(torch.tanh(self.mid(self.emb((x[..., 0].abs() * 7).long() % 3).mean(1))))
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class Reused(nn.Module):
+    """Layers the fast path must not trust, each of which only shows while the model runs."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.unused = nn.Linear(6, 6)
+        self.att = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x):
+        if self.kind == "weight used outside its layer":
+            return self.head(torch.tanh(self.a(x))) + x @ self.a.weight[:3].T
+        if self.kind == "runs twice":
+            return self.head(torch.tanh(self.a(torch.tanh(self.a(x)))))
+        if self.kind == "sequence-first input":  # (N, 6) -> (T, N, 6) with T = 6, the pool's N
+            seq = torch.tanh(x[None] * torch.linspace(0.5, 1.5, 6)[:, None, None])
+            return self.head(torch.tanh(self.a(seq)).mean(0))
+        if self.kind == "attention":  # out_proj is a Linear that MultiheadAttention never calls
+            seq = x[:, None] * torch.linspace(0.5, 1.5, 4)[:, None]
+            return self.head(torch.tanh(self.a(self.att(seq, seq, seq, need_weights=False)[0].mean(1))))
+        return self.head(torch.tanh(self.a(x)))
+
+
+class StandardizedConv(nn.Conv2d):
+    """A Conv2d subclass whose forward uses a standardized weight."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def _check_against_reference(model, X_lab, y_lab, X_pool, n_classes=3):
+    model.eval()
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool)
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
+    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+    return stats, " ".join(str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("embedding", [False, True])
+def test_tied_weights_are_counted_once(embedding):
+    torch.manual_seed(4)
+    X_lab, y_lab, X_pool = torch.randn(5, 4, 6), torch.randint(0, 3, (5,)), torch.randn(6, 4, 6)
+    if not embedding:
+        X_lab, X_pool = X_lab[:, 0], X_pool[:, 0]
+    stats, message = _check_against_reference(Tied(embedding), X_lab, y_lab, X_pool)
+    tied = ("emb", "head") if embedding else ("a", "b")
+    assert all(f"{name} (" in message for name in tied)
+    assert not any(name in tied for name, _ in stats.covered)
+
+
+@pytest.mark.parametrize("kind", ["weight used outside its layer", "runs twice", "sequence-first input", "attention", "unused layer"])
+def test_layers_that_break_the_fast_path_while_running_move_to_the_general_path(kind):
+    torch.manual_seed(5)
+    X_lab, y_lab, X_pool = torch.randn(6, 6), torch.randint(0, 3, (6,)), torch.randn(6, 6)
+    stats, message = _check_against_reference(Reused(kind), X_lab, y_lab, X_pool)
+    layer = {"attention": "att.out_proj", "unused layer": "unused"}.get(kind, "a")
+    assert f"layer {layer} (" in message
+    assert layer not in [name for name, _ in stats.covered]
+    assert ("head", stats.model.head) in stats.covered  # the others keep the fast path
+
+
+@pytest.mark.parametrize("kind", ["subclass forward", "weight_norm", "legacy weight_norm"])
+def test_layers_that_compute_something_else_are_not_covered(kind):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(27, 3))
+    if kind == "subclass forward":
+        model[0] = StandardizedConv(1, 3, 3)
+    elif kind == "weight_norm":
+        model[3] = nn.utils.parametrizations.weight_norm(model[3])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated in favour of the parametrization
+            model[3] = nn.utils.weight_norm(model[3])
+        with torch.no_grad():
+            model[3].weight_g.mul_(torch.linspace(0.5, 2.0, 3)[:, None])  # g != ||v||
+    X_lab, y_lab, X_pool = torch.randn(4, 1, 5, 5), torch.tensor([0, 1, 2, 1]), torch.randn(5, 1, 5, 5)
+    stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
+    layer = "0" if kind == "subclass forward" else "3"
+    assert f"{layer} (" in message and layer not in [name for name, _ in stats.covered]
+
+
+def test_a_model_torch_func_cannot_run_is_scored_one_sample_at_a_time():
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(7)
+    X_lab, y_lab, X_pool = torch.randn(4, 3, 4), torch.tensor([0, 1, 2, 0]), torch.randn(5, 3, 4)
+    stats, message = _check_against_reference(Recurrent(), X_lab, y_lab, X_pool)
+    assert stats.loop_fallback and "one sample at a time" in message
+
+
+def test_float64_models_and_empty_batches():
+    torch.manual_seed(8)
+    model = SmallCNN((1, 8, 8), 3, width=4, hidden=8).double()
+    model = _with_running_stats(model.float(), (1, 8, 8)).double()
+    X_lab, y_lab, X_pool = torch.randn(4, 1, 8, 8).double(), torch.tensor([0, 1, 2, 1]), torch.randn(5, 1, 8, 8).double()
+    stats, _ = _check_against_reference(model, X_lab, y_lab, X_pool)
+    norm, cross = stats(X_pool[:0])
+    assert norm.shape == cross.shape == (0,)
+
+
+def test_batch_statistics_batchnorm_is_refused_and_gradient_sums_work_under_no_grad():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.Flatten(), nn.Linear(27, 3)).eval()
+    X, y = np.random.default_rng(0).normal(size=(4, 1, 5, 5)).astype(np.float32), np.array([0, 1, 2, 1])
+    for call in (lambda: ParamGradStats(model, None), lambda: param_grad_sum(model, X, y, 2)):
+        with pytest.raises(ValueError, match=r"1 \(BatchNorm2d\).*track_running_stats=True"):
+            call()
+    model[1] = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        G = param_grad_sum(model, X, y, 2)["G_S"]
+    assert set(G) == {n for n, _ in model.named_parameters()} and all(g.abs().sum() > 0 for g in G.values())

@@ -19,14 +19,17 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
   with ``xhat`` normalized by the running statistics; exact per sample (the official code's
   chunk-mean shortcut is not used).
 
-Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), with a
-warning naming the layer.
+Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), or to a
+loop over single samples where torch.func cannot run the model, with a warning naming the
+layer; so do covered layers that turn out, while the model runs, not to follow their formula
+(see :class:`ParamGradStats`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 # Largest per-sample-gradient block built at once for one layer, in elements (256 MB of float32).
 _BLOCK_ELEMENTS = 1 << 26
@@ -43,29 +47,65 @@ _BLOCK_ELEMENTS = 1 << 26
 _CACHE_ELEMENTS = 1 << 19
 
 
+# The classes with a fast path, and the methods their subclasses must not override: a subclass
+# that computes something else (weight standardization, say) is not covered.
+_FAST = {
+    nn.Linear: ("forward",),
+    nn.Conv2d: ("forward", "_conv_forward"),
+    nn.BatchNorm2d: ("forward",),
+}
+
+
 def _covered(module: nn.Module) -> bool:
-    """Whether the fast path computes this module's per-sample gradients exactly."""
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Conv2d):
+    """Whether the fast path computes this module's per-sample gradients exactly: a plain
+    ``Linear``, ``Conv2d`` (zero padding, one group) or eval-mode ``BatchNorm2d`` whose only
+    parameters are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
+    cls = next((c for c in _FAST if isinstance(module, c)), None)
+    if cls is None or any(getattr(type(module), f) is not getattr(cls, f) for f in _FAST[cls]):
+        return False
+    names = {n for n, _ in module.named_parameters(recurse=False)}
+    if "weight" not in names or not names <= {"weight", "bias"} or parametrize.is_parametrized(module):
+        return False
+    if cls is nn.Conv2d:
         return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    if isinstance(module, nn.BatchNorm2d):
+    if cls is nn.BatchNorm2d:
         return module.affine and module.track_running_stats and module.running_var is not None
-    return False
+    return True
 
 
-def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    """Covered modules (with trainable parameters) and the names of all other trainable parameters."""
-    covered, other = [], []
+def check_per_sample(model: nn.Module) -> None:
+    """Raise when a sample's eval-mode output depends on the rest of its batch: BatchNorm without
+    running statistics normalizes with the batch's own, so no per-sample gradient exists."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
+            raise ValueError(
+                f"params='all' takes each sample's own gradient, but {name or 'the model'} ({type(m).__name__}) "
+                "has no running statistics (track_running_stats=False), so in eval mode it normalizes with "
+                "the statistics of the batch and a sample's gradient depends on its batch; build it with "
+                "track_running_stats=True"
+            )
+
+
+def split_parameters(model: nn.Module, exclude: Collection[str] = ()) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """Covered modules (with trainable parameters) and the names of all other trainable parameters.
+
+    A module is covered when :func:`_covered` holds, all its parameters are trainable, none is
+    shared with another module (tied weights) and its name is not in ``exclude``. Other
+    parameters are named as ``model.named_parameters()`` names them (a tied one once).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    uses = Counter(id(p) for _, m in model.named_modules(remove_duplicate=False) for p in m.parameters(recurse=False))
+    covered, other = [], {}
     for mname, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
+        own = list(module.parameters(recurse=False))
+        trainable = [p for p in own if p.requires_grad]
+        if not trainable:
             continue
-        if _covered(module) and len(own) == len(list(module.parameters(recurse=False))):
+        if mname not in exclude and _covered(module) and len(trainable) == len(own) and all(uses[id(p)] == 1 for p in own):
             covered.append((mname, module))
         else:
-            other += [f"{mname}.{n}" if mname else n for n, _ in own]
-    return covered, other
+            other.update((names[id(p)], None) for p in trainable)
+    return covered, list(other)
 
 
 def param_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -74,16 +114,32 @@ def param_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: i
     Computed in eval mode in mini-batches with sum reduction (the same vector as a loop over
     single samples). Returned as ``{"G_S": {parameter name: tensor}}``.
     """
+    check_per_sample(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     model.eval()
     for i in range(0, len(X), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))
         t = torch.from_numpy(np.asarray(y[i : i + batch_size], dtype=np.int64))
-        loss = F.cross_entropy(model(x), t, reduction="sum")
-        for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
-            total[n] += g.double()
-    return {"G_S": {n: g.float() for n, g in total.items()}}
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), t, reduction="sum")
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads):
+            if g is not None:  # None: a parameter the forward pass does not use
+                total[n] += g.double()
+    return {"G_S": {n: g.to(params[n].dtype) for n, g in total.items()}}
+
+
+def _single_sample_grads(model: nn.Module, x: torch.Tensor, r: torch.Tensor, params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``J_u^T r_u`` for each sample ``u`` of ``x`` and each of ``params``, one sample at a time
+    (zeros for a parameter the pass does not use): the obviously correct, slow reference."""
+    rows = []
+    for i in range(len(x)):
+        with torch.enable_grad():
+            out = model(x[i : i + 1])
+            grads = torch.autograd.grad((out[0] * r[i]).sum(), list(params), allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    return rows
 
 
 @contextmanager
@@ -231,6 +287,12 @@ def _layer_stats(m: nn.Module, a: torch.Tensor, d: torch.Tensor, G: dict[str, to
 class ParamGradStats:
     """Per-sample ``||g_u||^2`` and ``<g_u, G>`` over a model's trainable parameters.
 
+    The first batch checks the fast path against the slow one: for its two samples with the
+    largest ``||r||``, each covered layer's two statistics are compared with a one-sample autograd
+    pass. A layer that disagrees (its weight also used outside its own forward, a hook that
+    changes its output, a first axis that is not the sample axis) or that does not run exactly
+    once per forward pass moves to the general path, with a warning naming it.
+
     Parameters
     ----------
     model : the network, used in eval mode
@@ -238,9 +300,13 @@ class ParamGradStats:
     """
 
     def __init__(self, model: nn.Module, G: dict[str, torch.Tensor] | None) -> None:
+        check_per_sample(model)
         self.model = model
+        self.G = G
         self.clone_outputs = False
-        self.covered, self.other = split_parameters(model)
+        self.checked = False  # the fast path was compared with the one-sample reference
+        self.loop_fallback = False  # torch.func failed on this model: one sample at a time
+        self._plan(exclude=[])
         if not self.covered and not self.other:
             raise ValueError("the model has no trainable parameters")
         if self.other:
@@ -250,22 +316,31 @@ class ParamGradStats:
                 + "; using the slower torch.func path for those parameters",
                 stacklevel=3,
             )
+
+    def _plan(self, exclude: list[str]) -> None:
+        """Split the parameters between the fast path and the general one."""
+        self.excluded = exclude
+        self.covered, self.other = split_parameters(self.model, exclude)
+        G = self.G
         self.G_layers = None
         if G is not None:
-            self.G_layers = [
-                {n: G[f"{name}.{n}" if name else n] for n, p in m.named_parameters(recurse=False) if p.requires_grad}
-                for name, m in self.covered
-            ]
+            self.G_layers = [{n: G[f"{name}.{n}" if name else n] for n, _ in m.named_parameters(recurse=False)} for name, m in self.covered]
         self.G_other = {n: G[n] for n in self.other} if G is not None else None
         conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, nn.Conv2d)]
         self.sub_batch = max(16, _CACHE_ELEMENTS // max(conv_sizes)) if conv_sizes else None
 
+    def _demote(self, reasons: dict[str, str]) -> None:
+        """Move covered layers to the general path, saying why."""
+        for name, why in reasons.items():
+            warnings.warn(
+                f"params='all': layer {self._owner(name + '.weight')} {why}; using the slower torch.func path for its parameters",
+                stacklevel=4,
+            )
+        self._plan([*self.excluded, *reasons])
+
     def _forward(self, x: torch.Tensor, modules: list[nn.Module], clone: bool) -> tuple[torch.Tensor, list[list]]:
         with torch.enable_grad(), _record_layers(modules, clone) as records:
             logits = self.model(x)
-        for (name, _), rec in zip(self.covered, records):
-            if len(rec) != 3:
-                raise ValueError(f"layer {name!r} runs {len(rec) // 3} times per forward pass; params='all' needs each layer once")
         return logits, records
 
     def _owner(self, param_name: str) -> str:
@@ -284,60 +359,118 @@ class ParamGradStats:
         -------
         norm_sq, cross : (N,) float64 tensors (``cross`` is zeros when ``G`` is None)
         """
+        if pseudo_label not in ("argmax", "expected"):
+            raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {pseudo_label!r}")
         if self.sub_batch is not None and len(x) > self.sub_batch:
             parts = [self._batch(xs, pseudo_label) for xs in x.split(self.sub_batch)]
             return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
         return self._batch(x, pseudo_label)
 
     def _batch(self, x: torch.Tensor, pseudo_label: str) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(x)
+        norm = torch.zeros(n, dtype=torch.float64)
+        cross = torch.zeros(n, dtype=torch.float64)
+        if n == 0:
+            return norm, cross
         self.model.eval()
         modules = [m for _, m in self.covered]
         logits, records = self._forward(x, modules, clone=self.clone_outputs)
+        odd = {}
+        for (name, _), rec in zip(self.covered, records):
+            if len(rec) != 3:
+                odd[name] = f"runs {len(rec) // 3} times per forward pass"
+            elif rec[0].shape[:1] != (n,) or rec[1].shape[:1] != (n,):
+                odd[name] = f"gets inputs of shape {tuple(rec[0].shape)}, whose first axis is not the batch's {n} samples"
+        if odd:
+            self._demote(odd)
+            return self._batch(x, pseudo_label)
         if any(rec[1]._version != rec[2] for rec in records):
             self.clone_outputs = True  # an in-place op rewrote a layer output: redo with copies
             logits, records = self._forward(x, modules, clone=True)
         p = F.softmax(logits.detach().double(), dim=1)
         if pseudo_label == "argmax":
-            labels, label_weights = [p.argmax(1)], [torch.ones(len(x), dtype=torch.float64)]
-        elif pseudo_label == "expected":
-            labels = [torch.full((len(x),), k) for k in range(p.shape[1])]
-            label_weights = [p[:, k] for k in range(p.shape[1])]
+            labels, label_weights = [p.argmax(1)], [torch.ones(n, dtype=torch.float64)]
         else:
-            raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {pseudo_label!r}")
-        norm = torch.zeros(len(x), dtype=torch.float64)
-        cross = torch.zeros(len(x), dtype=torch.float64)
+            labels = [torch.full((n,), k) for k in range(p.shape[1])]
+            label_weights = [p[:, k] for k in range(p.shape[1])]
         outs = [rec[1] for rec in records]
         for j, (lab, w) in enumerate(zip(labels, label_weights)):
             r = p.clone()
-            r[torch.arange(len(x)), lab] -= 1.0
-            r = r.float()
+            r[torch.arange(n), lab] -= 1.0
+            r = r.to(logits.dtype)
             last = j == len(labels) - 1
             deltas = torch.autograd.grad(logits, outs, grad_outputs=r, retain_graph=not last) if outs else []
+            layers = []
             with torch.no_grad():
                 for i, (m, rec, d) in enumerate(zip(modules, records, deltas)):
-                    n_l, c_l = _layer_stats(m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None)
-                    norm += w * n_l.double()
-                    if c_l is not None:
-                        cross += w * c_l.double()
+                    layers.append(_layer_stats(m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None))
+                    norm += w * layers[-1][0].double()
+                    if layers[-1][1] is not None:
+                        cross += w * layers[-1][1].double()
+            if not self.checked:
+                self.checked = True
+                wrong = self._disagreeing(x, r, layers)
+                if wrong:
+                    self._demote(dict.fromkeys(wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, or its output changed by a hook?)"))
+                    return self._batch(x, pseudo_label)
             if self.other:
                 n_o, c_o = self._other_stats(x, r)
                 norm += w * n_o
                 cross += w * c_o
         return norm, cross
 
+    def _disagreeing(self, x: torch.Tensor, r: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[str]:
+        """Covered layers whose fast statistics differ from a one-sample autograd pass (by more
+        than 1e-3 relative to the layer's share, or 1e-5 of the sample's total), on the two
+        samples with the largest ``||r||``."""
+        if not self.covered:
+            return []
+        picks = torch.topk(r.double().norm(dim=1), min(2, len(x))).indices
+        names = [(l, pn) for l, (_, m) in enumerate(self.covered) for pn, _ in m.named_parameters(recurse=False)]
+        params = [self.covered[l][1].get_parameter(pn) for l, pn in names]
+        wrong = set()
+        for u, grads in zip(picks.tolist(), _single_sample_grads(self.model, x[picks], r[picks], params)):
+            ref_n = torch.zeros(len(self.covered), dtype=torch.float64)
+            ref_c = torch.zeros(len(self.covered), dtype=torch.float64)
+            g_sq = torch.zeros(len(self.covered), dtype=torch.float64)  # ||G||^2 per layer
+            for (l, pn), g in zip(names, grads):
+                ref_n[l] += g.double().pow(2).sum()
+                if self.G_layers is not None:
+                    ref_c[l] += (g.double() * self.G_layers[l][pn].double()).sum()
+                    g_sq[l] += self.G_layers[l][pn].double().pow(2).sum()
+            total = float(ref_n.sum())
+            for l, (n_l, c_l) in enumerate(layers):
+                if abs(float(n_l[u]) - ref_n[l]) > 1e-3 * max(float(n_l[u]), float(ref_n[l])) + 1e-5 * total:
+                    wrong.add(self.covered[l][0])
+                bound = float((ref_n[l] * g_sq[l]).sqrt())  # |<g, G>| <= ||g|| ||G||
+                if c_l is not None and abs(float(c_l[u]) - ref_c[l]) > 1e-3 * bound + 1e-5 * (total * float(g_sq.sum())) ** 0.5:
+                    wrong.add(self.covered[l][0])
+        return [name for name, _ in self.covered if name in wrong]
+
     def _other_stats(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample statistics of the uncovered parameters via ``vmap(grad)``."""
+        """Per-sample statistics of the uncovered parameters via ``vmap(grad)``, or one sample at
+        a time where torch.func cannot run the model."""
         params = dict(self.model.named_parameters())
-        buffers = dict(self.model.named_buffers())
-        fixed = {n: p.detach() for n, p in params.items() if n not in self.other}
-        free = {n: params[n].detach() for n in self.other}
+        g = None
+        if not self.loop_fallback:
+            buffers = dict(self.model.named_buffers())
+            fixed = {n: p.detach() for n, p in params.items() if n not in self.other}
+            free = {n: params[n].detach() for n in self.other}
 
-        def surrogate(free_params: dict[str, torch.Tensor], xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
-            # d/dtheta <logits, r> = J^T r: the cross-entropy gradient when r = p - e_y
-            out = functional_call(self.model, {**fixed, **free_params, **buffers}, (xi[None],))
-            return (out[0] * ri).sum()
+            def surrogate(free_params: dict[str, torch.Tensor], xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
+                # d/dtheta <logits, r> = J^T r: the cross-entropy gradient when r = p - e_y
+                out = functional_call(self.model, {**fixed, **free_params, **buffers}, (xi[None],))
+                return (out[0] * ri).sum()
 
-        g = vmap(grad(surrogate), in_dims=(None, 0, 0))(free, x, r)
+            try:
+                g = vmap(grad(surrogate), in_dims=(None, 0, 0))(free, x, r)
+            except RuntimeError as err:
+                self.loop_fallback = True
+                reason = (str(err).strip().splitlines() or ["an error"])[0]
+                warnings.warn(f"params='all': torch.func cannot take per-sample gradients of this model ({reason}); taking them one sample at a time", stacklevel=4)
+        if g is None:
+            rows = _single_sample_grads(self.model, x, r, [params[n] for n in self.other])
+            g = {n: torch.stack([row[k] for row in rows]) for k, n in enumerate(self.other)}
         norm = sum(v.flatten(1).pow(2).sum(1) for v in g.values()).double()
         if self.G_other is None:
             return norm, torch.zeros_like(norm)
