@@ -216,3 +216,67 @@ def test_last_layer_stats_same_with_a_hooked_head_and_share_the_logits():
     assert sum(calls) == len(X_pool)
     for key in ("grad_norm_sq", "grad_dot_labeled", "probs"):
         np.testing.assert_allclose(plain[key], fused[key], rtol=1e-5, atol=1e-7)
+
+
+class CosineHead(torch.nn.Linear):
+    """A Linear subclass with its own forward: logits from normalized features and weights."""
+
+    def forward(self, h):
+        return 10 * F.linear(F.normalize(h, dim=1), F.normalize(self.weight, dim=1), self.bias)
+
+
+class LoggingHead(torch.nn.Linear):
+    """A Linear subclass whose forward records calls and computes W h + b."""
+
+    def forward(self, h):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().forward(h)
+
+
+@pytest.mark.parametrize("output", ["last_layer_stats", "last_layer_grad"])
+def test_last_layer_outputs_refuse_a_head_that_is_not_linear(output):
+    model, X_lab, y_lab, X_pool = _random_problem(seed=4)
+    stats = labeled_stats(model, ["last_layer_grad_sum"], X_lab, y_lab, batch_size=4)
+    want = _last_layer_outputs(model, stats, X_pool, [output])
+    handle = model.head.register_forward_hook(lambda m, i, o: o * 2)
+    try:
+        with pytest.raises(ValueError, match=r"model.head \(Linear\) computes something else.*params='all'"):
+            _last_layer_outputs(model, stats, X_pool, [output])
+        with pytest.raises(ValueError, match="computes something else"):
+            labeled_stats(model, ["last_layer_grad_sum"], X_lab, y_lab, batch_size=4)
+    finally:
+        handle.remove()
+    head = model.head
+    model.head = CosineHead(head.in_features, head.out_features)
+    with pytest.raises(ValueError, match=r"model.head \(CosineHead\) computes something else"):
+        _last_layer_outputs(model, stats, X_pool, [output])
+    model.head = LoggingHead(head.in_features, head.out_features)  # W h + b: accepted, same values
+    model.head.load_state_dict(head.state_dict())
+    got = _last_layer_outputs(model, stats, X_pool, [output])
+    assert model.head.calls >= 1
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7)
+
+
+def test_the_engine_gives_each_module_its_mode_back():
+    model, X_lab, y_lab, X_pool = _random_problem(seed=5)
+    model.train()
+    model.body[1].eval()  # a model mixing modes keeps the mix
+    modes = [m.training for m in model.modules()]
+    for strategy in (DynamicAL(), DynamicAL(params="all")):
+        _engine_scores(model, X_lab, y_lab, X_pool, strategy)
+        assert [m.training for m in model.modules()] == modes
+
+
+def test_labeled_statistics_must_be_finite_and_residuals_do_not_cancel():
+    from dynal.engine import residuals
+
+    model, X_lab, y_lab, _ = _random_problem(seed=6)
+    X_lab[2, 1] = np.nan
+    with pytest.raises(ValueError, match="labeled-set statistic 'A' contains NaN"):
+        labeled_stats(model, ["last_layer_grad_sum"], X_lab, y_lab)
+    p = torch.softmax(torch.tensor([[0.0, -40.0, -45.0]], dtype=torch.float64), 1)
+    r = residuals(p, torch.tensor([0]))
+    assert p[0, 0] == 1.0  # p - e_y would give r_y = 0 exactly
+    assert r[0, 0] == -(p[0, 1] + p[0, 2]) and r[0, 0] < 0
+    assert torch.equal(r[0, 1:], p[0, 1:])

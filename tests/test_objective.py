@@ -107,5 +107,21 @@ def test_approximation_study_and_cli(tmp_path):
     lines = [line.split() for line in result.output.splitlines()[1:]]
     assert len(lines) == 2 * (2 + 3)  # two rounds; budgets 1, 3 and tiny 2, 3, 4
     assert all(0 < float(line[4]) <= 1 for line in lines)
-    bad = CliRunner().invoke(app, ["approx-ratio", str(cfg), "--budgets", "1,x"])
-    assert bad.exit_code != 0
+    for option, value in [("--budgets", "1,x"), ("--budgets", "0,3"), ("--tiny-budgets", "-1")]:
+        bad = CliRunner().invoke(app, ["approx-ratio", str(cfg), option, value])
+        assert bad.exit_code != 0 and ("integers" in bad.output or "positive" in bad.output)
+
+
+def test_approximation_ratios_reject_empty_queries_and_compare_zero_values():
+    from dynal.approximation import approximation_ratios
+
+    r, h, A, a, keys = _factors(n=6, seed=0)
+    for budgets in ([0], [2, -1]):
+        with pytest.raises(ValueError, match="positive query sizes"):
+            approximation_ratios(r, h, A, a, True, budgets, keys)
+    # one logit, one feature, no bias, G_S = 0, per-sample gradients 5, -2, -3, -3 and b = 3:
+    # greedy takes 5, -2, -3 (set value 0), top-b the largest single gains 5, -3, -3 (value 1)
+    r1, h1 = np.array([[5.0], [-2.0], [-3.0], [-3.0]]), np.ones((4, 1))
+    row = approximation_ratios(r1, h1, np.zeros((1, 1)), np.zeros(1), False, [3], np.arange(4, dtype=np.uint64))[0]
+    assert (row["greedy"], row["top_b"]) == (0.0, 1.0)
+    assert row["ratio_greedy"] == np.inf and row["ratio"] == 1.0

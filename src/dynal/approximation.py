@@ -21,6 +21,19 @@ from dynal.objective import exhaustive, greedy, set_value, top_b
 from dynal.strategies import DynamicAL
 
 
+def _check_budgets(budgets: Sequence[int], name: str) -> None:
+    bad = [b for b in budgets if int(b) < 1]
+    if bad:
+        raise ValueError(f"{name} must be positive query sizes, got {bad}")
+
+
+def _ratio(value: float, reference: float) -> float:
+    """``value / reference`` for set values (never negative), with 0 / 0 = 1."""
+    if reference > 0:
+        return value / reference
+    return 1.0 if value == 0 else float("inf")
+
+
 def approximation_ratios(
     r: np.ndarray,
     h: np.ndarray,
@@ -35,21 +48,23 @@ def approximation_ratios(
 
     Returns one dict per budget with ``b``, ``top_b``, ``greedy`` (pure greedy), ``ratio`` =
     ``G(top-b) / G(best known)`` (best of greedy, top-b and the optimum when computed; in (0, 1]),
-    ``ratio_greedy`` = ``G(top-b) / G(pure greedy)`` and, with ``optimum``, ``optimum`` and
-    ``ratio_optimum`` = ``G(top-b) / G(optimum)``.
+    ``ratio_greedy`` = ``G(top-b) / G(pure greedy)`` (above 1 where top-b beats pure greedy,
+    infinite where greedy's set has value 0 and top-b's does not) and, with ``optimum``,
+    ``optimum`` and ``ratio_optimum`` = ``G(top-b) / G(optimum)``. A ratio of 0 / 0 is 1.
     """
+    _check_budgets(budgets, "budgets")
     out = []
     for b in budgets:
         b = min(int(b), len(r))
         t = set_value(r, h, A, a, bias, top_b(r, h, A, a, bias, b, keys))
         g = set_value(r, h, A, a, bias, greedy(r, h, A, a, bias, b, keys)[0])
-        row = {"b": b, "top_b": t, "greedy": g, "ratio_greedy": t / g if g > 0 else 1.0}
+        row = {"b": b, "top_b": t, "greedy": g, "ratio_greedy": _ratio(t, g)}
         best = max(t, g)
         if optimum:
             row["optimum"] = exhaustive(r, h, A, a, bias, b)[1]
-            row["ratio_optimum"] = t / row["optimum"] if row["optimum"] > 0 else 1.0
+            row["ratio_optimum"] = _ratio(t, row["optimum"])
             best = max(best, row["optimum"])
-        row["ratio"] = t / best if best > 0 else 1.0
+        row["ratio"] = _ratio(t, best)
         out.append(row)
     return out
 
@@ -69,6 +84,8 @@ def approximation_study(
     Returns one record per (round, pool, b) with the fields of :func:`approximation_ratios`
     plus ``round``, ``n_labeled`` and ``pool`` ("full" or "tiny").
     """
+    _check_budgets(budgets, "budgets")
+    _check_budgets(tiny_budgets, "tiny budgets")
     if tiny_pool > 20 or max(tiny_budgets, default=0) > 4:
         raise ValueError("the exhaustive optimum needs tiny_pool <= 20 and tiny budgets <= 4")
     seed = config.seeds[0] if seed is None else seed

@@ -88,9 +88,12 @@ def approx_ratio(
 
     def ints(text: str) -> list[int]:
         try:
-            return [int(x) for x in text.split(",") if x.strip()]
+            values = [int(x) for x in text.split(",") if x.strip()]
         except ValueError:
             raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        if any(v < 1 for v in values):
+            raise typer.BadParameter(f"query sizes must be positive, got {text!r}")
+        return values
 
     records = approximation_study(ExperimentConfig.from_toml(config), ints(budgets), tiny_pool, ints(tiny_budgets), seed, progress)
     typer.echo(ratio_table(records))

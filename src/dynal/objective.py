@@ -80,7 +80,7 @@ def exhaustive(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias:
         raise ValueError(f"exhaustive search is for N <= 20 and b <= 4, got N={len(r)}, b={budget}")
     best, best_value = None, -np.inf
     for q in combinations(range(len(r)), budget):
-        value = set_value(r, h, A, a, bias, np.array(q))
+        value = set_value(r, h, A, a, bias, np.array(q, dtype=np.int64))
         if value > best_value:
-            best, best_value = np.array(q), value
+            best, best_value = np.array(q, dtype=np.int64), value
     return best, best_value

@@ -18,12 +18,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dynal.engine.param_grads import ParamGradStats, param_grad_sum
+from dynal.engine.param_grads import ParamGradStats, param_grad_sum, residuals
 
 
 @dataclass
 class Context:
-    """Everything a per-sample output may depend on besides its chunk."""
+    """Everything a per-sample output may depend on besides its chunk, for one query: its cache
+    keeps per-query state such as a copy of the head's weights, so build a new context after
+    the model or the labeled set changes."""
 
     model: nn.Module
     stats: dict[str, Any]
@@ -62,14 +64,34 @@ def _features(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     return {"features": chunk.features.numpy()}
 
 
-def residuals(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``r = p - onehot(label)``: the loss gradient with respect to the logits."""
-    r = probs.clone()
-    r[torch.arange(len(r)), labels] -= 1.0
-    return r
+def _plain_head(head: nn.Module) -> bool:
+    """An ``nn.Linear`` (not a subclass) without hooks of its own: ``head(h) = W h + b``."""
+    return type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+
+
+def check_linear_head(chunk: Chunk) -> None:
+    """Raise unless the chunk's logits are ``W h + b`` of its features: the last-layer gradient's
+    closed forms hold for that head only. Only a head that is not a plain ``nn.Linear`` (a
+    subclass, or one with hooks) is checked, by recomputing the product."""
+    head = chunk.model.head
+    if _plain_head(head):
+        return
+    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+    z = chunk.logits
+    if isinstance(weight, torch.Tensor) and weight.shape == (z.shape[1], chunk.features.shape[1]):
+        with torch.no_grad():
+            linear = F.linear(chunk.features, weight, bias if isinstance(bias, torch.Tensor) else None)
+        if torch.allclose(z, linear, rtol=1e-4, atol=1e-5 * float(linear.abs().max()) + 1e-30):
+            return
+    raise ValueError(
+        f"the last-layer gradient needs model.head(features) = W h + b, and model.head ({type(head).__name__}) "
+        "computes something else (its own forward, or a hook that changes its input or output); "
+        "dynamicAL with params='all' differentiates any head"
+    )
 
 
 def _last_layer_grad(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
+    check_linear_head(chunk)
     p = chunk.probs
     return {"r": residuals(p, p.argmax(1)).numpy(), "h": chunk.features.double().numpy()}
 
@@ -94,7 +116,7 @@ def _head_and_cross(chunk: Chunk, ctx: Context, bias: float) -> tuple[np.ndarray
     if "last_layer_head" not in ctx.cache:
         A = torch.from_numpy(ctx.stats["A"]).to(h.dtype).contiguous()  # K x d, as the head's weight
         fused = None
-        if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
+        if _plain_head(head):
             b = head.bias.detach() if head.bias is not None else torch.zeros(len(A), dtype=h.dtype)
             fused = (torch.cat([b, torch.zeros(len(A), dtype=h.dtype)])[:, None], torch.cat([head.weight.detach(), A]))
         ctx.cache["last_layer_head"] = (A, fused, bias * ctx.stats["a"][:, None])
@@ -125,6 +147,7 @@ def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     float64. With ``"expected"`` both are averaged over ``y ~ p``: ``||r||^2`` becomes
     ``1 - ||p||^2`` and the cross term vanishes (``E[r] = 0``).
     """
+    check_linear_head(chunk)
     h = chunk.features
     bias = 1.0 if ctx.model.head.bias is not None else 0.0
     h_sq = torch.linalg.vector_norm(h, dim=1).numpy().astype(np.float64) ** 2 + bias
@@ -231,6 +254,7 @@ def last_layer_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_si
     with torch.no_grad():
         for i in range(0, len(X), batch_size):
             chunk = Chunk(model, torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size])))
+            check_linear_head(chunk)
             r = residuals(chunk.probs, torch.from_numpy(np.asarray(y[i : i + batch_size], dtype=np.int64)))
             A += r.T @ chunk.features.double()
             a += r.sum(0)

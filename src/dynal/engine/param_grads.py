@@ -39,6 +39,8 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from dynal.engine.modes import eval_mode
+
 # Largest per-sample-gradient block built at once for one layer, in elements (256 MB of float32).
 _BLOCK_ELEMENTS = 1 << 26
 # Convolutional models are scored in sub-batches whose largest per-sample weight-gradient block
@@ -117,17 +119,26 @@ def param_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: i
     check_per_sample(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    model.eval()
     for i in range(0, len(X), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))
         t = torch.from_numpy(np.asarray(y[i : i + batch_size], dtype=np.int64))
-        with torch.enable_grad():
+        with torch.enable_grad(), eval_mode(model):
             loss = F.cross_entropy(model(x), t, reduction="sum")
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for n, g in zip(params, grads):
             if g is not None:  # None: a parameter the forward pass does not use
                 total[n] += g.double()
     return {"G_S": {n: g.to(params[n].dtype) for n, g in total.items()}}
+
+
+def residuals(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``r = p - onehot(label)``, the cross-entropy gradient with respect to the logits, with
+    ``r_y = -sum_{k != y} p_k`` so that no digits cancel when ``p_y`` is close to 1."""
+    rows = torch.arange(len(probs))
+    r = probs.clone()
+    r[rows, labels] = 0.0
+    r[rows, labels] = -r.sum(1)
+    return r
 
 
 def _single_sample_grads(model: nn.Module, x: torch.Tensor, r: torch.Tensor, params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -361,10 +372,11 @@ class ParamGradStats:
         """
         if pseudo_label not in ("argmax", "expected"):
             raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {pseudo_label!r}")
-        if self.sub_batch is not None and len(x) > self.sub_batch:
-            parts = [self._batch(xs, pseudo_label) for xs in x.split(self.sub_batch)]
-            return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
-        return self._batch(x, pseudo_label)
+        with eval_mode(self.model):
+            if self.sub_batch is not None and len(x) > self.sub_batch:
+                parts = [self._batch(xs, pseudo_label) for xs in x.split(self.sub_batch)]
+                return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
+            return self._batch(x, pseudo_label)
 
     def _batch(self, x: torch.Tensor, pseudo_label: str) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x)
@@ -372,7 +384,6 @@ class ParamGradStats:
         cross = torch.zeros(n, dtype=torch.float64)
         if n == 0:
             return norm, cross
-        self.model.eval()
         modules = [m for _, m in self.covered]
         logits, records = self._forward(x, modules, clone=self.clone_outputs)
         odd = {}
@@ -395,9 +406,7 @@ class ParamGradStats:
             label_weights = [p[:, k] for k in range(p.shape[1])]
         outs = [rec[1] for rec in records]
         for j, (lab, w) in enumerate(zip(labels, label_weights)):
-            r = p.clone()
-            r[torch.arange(n), lab] -= 1.0
-            r = r.to(logits.dtype)
+            r = residuals(p, lab).to(logits.dtype)
             last = j == len(labels) - 1
             deltas = torch.autograd.grad(logits, outs, grad_outputs=r, retain_graph=not last) if outs else []
             layers = []

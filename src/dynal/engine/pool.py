@@ -12,6 +12,7 @@ from threadpoolctl import ThreadpoolController
 from torch import nn
 from tqdm.auto import tqdm
 
+from dynal.engine.modes import eval_mode
 from dynal.engine.outputs import LABELED_STATS, POOL_OUTPUTS, Chunk, Context
 
 
@@ -31,14 +32,24 @@ def labeled_stats(
 ) -> dict[str, Any]:
     """Compute the named labeled-set statistics, plus facts about the model's head."""
     check_names(names, LABELED_STATS, "labeled-set statistics")
-    model.eval()
     stats: dict[str, Any] = {
         "head_bias": model.head.bias is not None,
         "n_classes": model.head.out_features,
     }
-    for name in names:
-        stats.update(LABELED_STATS[name](model, X, y, batch_size))
+    with eval_mode(model):
+        for name in names:
+            computed = LABELED_STATS[name](model, X, y, batch_size)
+            for key, value in computed.items():
+                if not all(_finite(v) for v in (value.values() if isinstance(value, dict) else [value])):
+                    raise ValueError(f"the labeled-set statistic {key!r} contains NaN or infinite values: check the labeled inputs and the model")
+            stats.update(computed)
     return stats
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value).all())
+    return bool(np.isfinite(value).all())
 
 
 @cache
@@ -59,7 +70,8 @@ def pool_chunks(
     progress: bool = False,
     rows: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Walk the pool once in eval mode and yield, per chunk, ``ids`` and the named outputs.
+    """Walk the pool once in eval mode and yield, per chunk, ``ids`` and the named outputs (the
+    model's own train/eval modes come back when the walk ends).
 
     Parameters
     ----------
@@ -75,11 +87,10 @@ def pool_chunks(
     n = len(X) if rows is None else len(rows)
     if n != len(ids):
         raise ValueError(f"pool has {n} inputs but {len(ids)} ids")
-    model.eval()
     # torch's OpenMP threads and numpy's BLAS threads spin on the same cores when their calls
     # alternate chunk by chunk, which made a pass up to 30x slower: torch alone runs threaded
     # while the pass (and the strategy's per-chunk numpy work) is under way.
-    with _thread_pools().limit(limits=1, user_api="blas"):
+    with eval_mode(model), _thread_pools().limit(limits=1, user_api="blas"):
         for i in tqdm(range(0, n, chunk_size), desc="scoring pool", unit="chunk", disable=not progress, leave=False):
             x = X[i : i + chunk_size] if rows is None else X[rows[i : i + chunk_size]]
             chunk = Chunk(model, torch.from_numpy(np.ascontiguousarray(x)))
