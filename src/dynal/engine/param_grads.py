@@ -438,7 +438,8 @@ class ParamGradStats:
         names = [(l, pn) for l, (_, m) in enumerate(self.covered) for pn, _ in m.named_parameters(recurse=False)]
         params = [self.covered[l][1].get_parameter(pn) for l, pn in names]
         wrong = set()
-        for u, grads in zip(picks.tolist(), _single_sample_grads(self.model, x[picks], r[picks], params)):
+        for u in picks.tolist():  # one sample's gradient at a time: memory of one model gradient
+            grads = _single_sample_grads(self.model, x[u : u + 1], r[u : u + 1], params)[0]
             ref_n = torch.zeros(len(self.covered), dtype=torch.float64)
             ref_c = torch.zeros(len(self.covered), dtype=torch.float64)
             g_sq = torch.zeros(len(self.covered), dtype=torch.float64)  # ||G||^2 per layer
