@@ -139,9 +139,9 @@ def test_mc_dropout_rate_scaling_and_masks_shared_across_samples():
 def test_bald_without_dropout_is_a_clear_error(blobs, mlp_factory):
     learner = ActiveLearner(blobs.train, mlp_factory, "bald", blobs.n_classes, TrainConfig(epochs=1), rng=0)
     learner.initialize(10)
-    learner.fit()
-    with pytest.raises(ValueError, match="dropout"):
-        learner.query(3)
+    with pytest.raises(ValueError, match="dropout"):  # found when the model is built, not at the query
+        learner.fit()
+    assert learner.model is None
 
 
 @pytest.mark.parametrize("passes", [1, 2.5, True])
@@ -339,3 +339,15 @@ def test_labeled_outputs_are_the_labeled_sets_features_and_probabilities(blobs, 
         np.testing.assert_allclose(stats["labeled_probs"], F.softmax(model.head(h).double(), 1).numpy(), rtol=1e-6)
     empty = labeled_stats(model, ["labeled_outputs"], X[:0], blobs.train.y[:0])
     assert empty["labeled_features"].shape == (0, 16) and empty["labeled_probs"].shape == (0, blobs.n_classes)
+
+
+def test_least_confidence_and_bald_keep_the_order_of_confident_samples():
+    from dynal.strategies.bayesian import mutual_information
+    from dynal.strategies.uncertainty import LeastConfidence
+
+    gaps = np.array([37.0, 39.0, 41.0, 45.0])  # 1 - p_max = e^-gap, below float64's 1.1e-16
+    probs = np.stack([1 / (1 + np.exp(-gaps)), np.exp(-gaps) / (1 + np.exp(-gaps))], axis=1)
+    scores = LeastConfidence().score({"probs": probs}, {})
+    assert np.all(np.diff(scores) < 0) and scores[0] == pytest.approx(np.exp(-37.0), rel=1e-9)
+    same = np.repeat(np.random.default_rng(0).dirichlet(np.ones(3), size=(200, 1)), 20, axis=1)
+    assert np.all(mutual_information(same) == 0.0)  # identical passes: no information, never below 0

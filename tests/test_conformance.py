@@ -70,6 +70,14 @@ def test_budget_beyond_pool_takes_the_rest_without_duplicates(blobs, mlp_factory
     assert len(q.ids) == left == len(np.unique(q.ids))
 
 
+def test_select_with_budget_zero_returns_nothing(blobs, mlp_factory, variant):
+    learner = _learner(blobs, mlp_factory, *variant)
+    s = learner.strategy
+    chunks, stats = learner._pass(learner.unlabeled_ids(), s.outputs, s.labeled, s.output_options())
+    ids, scores = s.select(chunks, stats, 0, np.random.default_rng(0))
+    assert len(ids) == len(scores) == 0
+
+
 @pytest.mark.parametrize("budget", [0, -3])
 def test_bad_budget(blobs, mlp_factory, variant, budget):
     with pytest.raises(ValueError, match="budget must be positive"):

@@ -74,6 +74,15 @@ def test_from_arrays_validates_input():
         from_arrays(X, y + 0.5)
     with pytest.raises(ValueError, match="outside the class range"):
         from_arrays(X, y * 3, n_classes=3)
+    with pytest.raises(ValueError, match="label 1e\\+19, outside any class range"):
+        from_arrays(X, np.where(y == 1, 1e19, 0.0))
+    with pytest.raises(ValueError, match="X has no rows"):
+        from_arrays(X[:0], y[:0])
+    with pytest.raises(ValueError, match="leaves the test split empty"):
+        from_arrays(X[:3], y[:3], test_fraction=0.1)
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match="test_fraction must be in"):
+            load_dataset("blobs", n=30, test_fraction=fraction)
 
 
 def test_from_arrays_explicit_test_set_and_class_count():

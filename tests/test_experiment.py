@@ -75,6 +75,14 @@ def test_interrupted_run_resumes_to_the_same_records(tmp_path):
     assert sorted(_strip(resumed), key=key) == sorted(_strip(full), key=key)
     with pytest.raises(ValueError, match="different config"):
         run_experiment(_config(BLOBS, budget=4), part, progress=False)
+    # a crash in the middle of writing a record: the cut line is dropped, the run resumes
+    path.write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])
+    assert len(load_records(part)) == 5  # the report reads it too
+    resumed = load_records(run_experiment(cfg, part, progress=False))
+    assert sorted(_strip(resumed), key=key) == sorted(_strip(full), key=key)
+    path.write_text("\n".join([*lines[:2], lines[2][:40], *lines[3:]]) + "\n")  # damage, not a crash
+    with pytest.raises(ValueError, match="line 3, is not a JSON record"):
+        run_experiment(cfg, part, progress=False)
 
 
 def test_config_errors_are_specific(tmp_path):
@@ -86,8 +94,29 @@ def test_config_errors_are_specific(tmp_path):
         _config(BLOBS, strategies=["random", "random"])
     with pytest.raises(ValueError, match=r"unknown \[train\] keys"):
         _config(BLOBS, train={"epoch": 3})
-    with pytest.raises(ValueError, match="exceeds the pool"):
-        run_experiment(_config(BLOBS, rounds=100), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        _config(BLOBS, seeds=[0, 0])
+    for key, value, message in [
+        ("seeds", "12", "seeds must be a list of integers"),
+        ("seeds", [0.9, 1.5], "seeds must be a list of integers"),
+        ("budget", 5.0, "budget must be a int"),
+        ("initial", "6", "initial must be a int"),
+        ("strategies", "random", "strategies must be a list"),
+        ("train", {"warm_start": "false"}, "warm_start must be a bool"),
+        ("train", {"lr": "0.001"}, "lr must be a number"),
+        ("train", {"epochs": 2.5}, "epochs must be a int"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            _config(BLOBS, **{key: value})
+    with pytest.raises(ValueError, match="train_term must be a finite number"):
+        _config(BLOBS, strategies=[{"name": "dynamical", "train_term": "2"}])
+    # a config that fails before its first round does not claim the directory
+    for bad, message in [({"rounds": 100}, "exceeds the pool"), ({"model": {"name": "mlp", "hiden": [8]}}, "hiden"),
+                         ({"strategies": ["random", "bald"]}, "dropout")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            run_experiment(_config(BLOBS, **bad), tmp_path / "d", progress=False)
+        assert not (tmp_path / "d" / "config.json").exists()
+    assert len(load_records(run_experiment(_config(BLOBS, seeds=[0]), tmp_path / "d", progress=False))) == 6
 
 
 def test_toml_config(tmp_path):
@@ -123,3 +152,11 @@ def test_report_from_records(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert len(load_records(tmp_path / "r.jsonl")) == len(records)
+    # an unfinished run (random, seed 2, one round so far) is left out and named, so every
+    # curve and AUBC covers the same label counts
+    records.append({"strategy": "random", "seed": 2, "round": 0, "n_labeled": 10, "test_accuracy": 0.9})
+    s = summarize(records)
+    np.testing.assert_allclose(s["random"]["mean"], [0.3, 0.5])
+    assert s["random"]["seeds"] == 2
+    text = table(records)
+    assert "+0.100 ± 0.000" in text and "random seed 2, 1 rounds logged" in text

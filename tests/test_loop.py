@@ -51,6 +51,45 @@ def test_ignored_ids_leave_the_pool(learner, blobs):
     assert len(learner.unlabeled_ids()) == len(blobs.train) - 50
 
 
+def test_initial_draw_skips_ignored_ids_and_does_not_depend_on_pool_order(blobs, mlp_factory):
+    learner = ActiveLearner(blobs.train, mlp_factory, "entropy", blobs.n_classes, rng=3)
+    learner.ignore(blobs.train.ids[3:])
+    with pytest.raises(ValueError, match=r"initial size must be in \[1, 3\]"):
+        learner.initialize(5)
+    assert sorted(learner.initialize(3).tolist()) == sorted(blobs.train.ids[:3].tolist())
+    order = np.random.default_rng(0).permutation(len(blobs.train))
+    shuffled = type(blobs.train)(ids=blobs.train.ids[order], X=blobs.train.X[order], y=blobs.train.y[order])
+    picks = [ActiveLearner(split, mlp_factory, "entropy", blobs.n_classes, rng=3).initialize(10) for split in (blobs.train, shuffled)]
+    np.testing.assert_array_equal(picks[0], picks[1])
+
+
+def test_a_call_that_raises_leaves_the_seeded_draws_as_they_were(blobs, mlp_factory):
+    fresh = ActiveLearner(blobs.train, mlp_factory, "random", blobs.n_classes, TrainConfig(epochs=1), rng=7)
+    retried = ActiveLearner(blobs.train, mlp_factory, "random", blobs.n_classes, TrainConfig(epochs=1), rng=7)
+    retried.oracle = lambda ids: np.full(len(ids), 7)  # a label outside the class range: rejected
+    with pytest.raises(ValueError, match="outside the class range"):
+        retried.initialize(5)
+    retried.oracle = fresh.oracle
+    np.testing.assert_array_equal(retried.initialize(5), fresh.initialize(5))
+    fresh.fit()
+    retried.fit()
+    strategy = retried.strategy
+    retried.strategy = make_strategy("badge")
+    retried.strategy.select = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt())  # interrupted mid-query
+    with pytest.raises(KeyboardInterrupt):
+        retried.query(4)
+    retried.strategy = strategy
+    np.testing.assert_array_equal(retried.query(4).ids, fresh.query(4).ids)
+
+
+def test_a_model_that_does_not_fit_the_task_is_refused_when_built(blobs):
+    wrong = model_factory("mlp", blobs.input_shape, blobs.n_classes + 1, hidden=[4])
+    learner = ActiveLearner(blobs.train, wrong, "entropy", blobs.n_classes, rng=0)
+    learner.initialize(5)
+    with pytest.raises(ValueError, match=f"head has {blobs.n_classes + 1} outputs but the task has {blobs.n_classes} classes"):
+        learner.fit()
+
+
 def test_initial_set_missing_classes_keeps_all_outputs(blobs, mlp_factory):
     only_zero = blobs.train.ids[blobs.train.y == 0][:6]
     learner = ActiveLearner(blobs.train, mlp_factory, "dynamical", blobs.n_classes, TrainConfig(epochs=2), rng=0)

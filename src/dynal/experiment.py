@@ -14,10 +14,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dynal.data import load_dataset
-from dynal.loop import ActiveLearner
+from dynal.loop import ActiveLearner, check_model
 from dynal.models import model_factory
 from dynal.strategies import make_strategy
 from dynal.training import TrainConfig
+from dynal.validation import check_field_types
 
 RESULTS = "results.jsonl"
 
@@ -39,6 +40,8 @@ class StrategySpec:
     def parse(cls, item: str | dict[str, Any]) -> StrategySpec:
         if isinstance(item, str):
             return cls(item)
+        if not isinstance(item, dict):
+            raise TypeError(f"a strategy is a name or a table, got {item!r}")
         item = dict(item)
         if "name" not in item:
             raise ValueError(f"a strategy table needs a 'name': {item}")
@@ -74,7 +77,10 @@ class ExperimentConfig:
     name: str = "experiment"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for key, section in (("dataset", self.dataset), ("model", self.model)):
+            if not isinstance(section, dict):
+                raise TypeError(f"[{key}] must be a table, got {section!r}")
             if "name" not in section:
                 raise ValueError(f"[{key}] needs a 'name'")
         if not self.strategies:
@@ -86,6 +92,8 @@ class ExperimentConfig:
             raise ValueError("initial, budget and chunk_size must be >= 1 and rounds >= 0")
         if not self.seeds:
             raise ValueError("the config names no seeds")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
@@ -102,8 +110,15 @@ class ExperimentConfig:
         train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
         if set(train) - train_keys:
             raise ValueError(f"unknown [train] keys {sorted(set(train) - train_keys)}; known: {sorted(train_keys)}")
+        if not isinstance(raw["strategies"], list):
+            raise TypeError(f"strategies must be a list of names or tables, got {raw['strategies']!r}")
         raw["strategies"] = tuple(StrategySpec.parse(s) for s in raw["strategies"])
-        raw["seeds"] = tuple(int(s) for s in raw.get("seeds", (0,)))
+        seeds = raw.get("seeds", [0])
+        if not isinstance(seeds, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise TypeError(f"seeds must be a list of integers, got {seeds!r}")
+        raw["seeds"] = tuple(seeds)
+        if not isinstance(train, dict):
+            raise TypeError(f"[train] must be a table, got {train!r}")
         return cls(train=TrainConfig(**train), **raw)
 
     @classmethod
@@ -124,18 +139,43 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The records of a results file. A last line cut short by a crash (an interrupted write)
+    is dropped; a broken line anywhere else is an error naming it."""
+    lines = path.read_text().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # after the last newline: a record whose write was cut short
+                break
+            raise ValueError(f"{path}, line {i + 1}, is not a JSON record: {line[:80]!r}") from None
+    return records
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _completed_runs(path: Path, rounds: int) -> set[tuple[str, int]]:
     """Keep only the records of complete (strategy, seed) runs; return which those are."""
     if not path.exists():
         return set()
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_results(path)
     counts: dict[tuple[str, int], int] = {}
     for r in records:
         counts[(r["strategy"], r["seed"])] = counts.get((r["strategy"], r["seed"]), 0) + 1
     done = {key for key, n in counts.items() if n == rounds + 1}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records if (r["strategy"], r["seed"]) in done))
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in records if (r["strategy"], r["seed"]) in done))
     return done
 
 
@@ -147,20 +187,30 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool
     (runs are deterministic, so the result is the same as an uninterrupted run).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text()) != json.loads(json.dumps(config.to_dict())):
-        raise ValueError(f"{out} holds a run of a different config; choose another directory")
-    config_path.write_text(json.dumps(config.to_dict(), indent=2))
-    results = out / RESULTS
-    done = _completed_runs(results, config.rounds)
+    if config_path.exists():
+        try:
+            stored = json.loads(config_path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{config_path} is unreadable; choose another directory") from None
+        if stored != json.loads(json.dumps(config.to_dict())):
+            raise ValueError(f"{out} holds a run of a different config; choose another directory")
 
+    # everything that can be checked before the first round is, before the directory is claimed
     data = load_dataset(**config.dataset)
     needed = config.initial + config.rounds * config.budget
     if needed > len(data.train):
         raise ValueError(f"initial + rounds x budget = {needed} exceeds the pool of {len(data.train)}")
     model_params = {k: v for k, v in config.model.items() if k != "name"}
     factory = model_factory(config.model["name"], data.input_shape, data.n_classes, **model_params)
+    model = factory()
+    for spec in config.strategies:
+        check_model(model, data.n_classes, make_strategy(spec.name, **spec.params))
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(config_path, json.dumps(config.to_dict(), indent=2))
+    results = out / RESULTS
+    done = _completed_runs(results, config.rounds)
     todo = [(seed, spec) for seed in config.seeds for spec in config.strategies if (spec.label, seed) not in done]
     bar = tqdm(total=len(todo) * (config.rounds + 1), desc=config.name, unit="round", disable=not progress)
     for seed, spec in todo:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from dynal.data.arrays import check_labels
 from dynal.data.dataset import Split
-from dynal.engine.outputs import Context
+from dynal.engine.outputs import Context, dropout_layers
 from dynal.engine.pool import labeled_stats, pool_chunks
 from dynal.resources import Measure
 from dynal.strategies import Strategy, make_strategy
@@ -66,6 +67,20 @@ class LabelState:
         return np.fromiter([*self.labels, *self.ignored], dtype=np.int64)
 
 
+def check_model(model: nn.Module, n_classes: int, strategy: Strategy) -> None:
+    """Raise a clear error when ``model`` cannot serve ``strategy`` on ``n_classes`` classes: the
+    loop's contract is a ``features`` module and a ``head`` with one output per class, and
+    MC-dropout strategies need dropout layers."""
+    head = getattr(model, "head", None)
+    if not callable(getattr(model, "features", None)) or not isinstance(head, nn.Module):
+        raise ValueError(f"{type(model).__name__} needs a `features` module and a `head` (see the README's Models section)")
+    outputs = getattr(head, "out_features", None)
+    if outputs is not None and outputs != n_classes:
+        raise ValueError(f"the model's head has {outputs} outputs but the task has {n_classes} classes")
+    if "mc_probs" in strategy.outputs:
+        dropout_layers(model)
+
+
 class ActiveLearner:
     """Pool-based active learning over a split with stable dataset ids.
 
@@ -109,6 +124,17 @@ class ActiveLearner:
         self.state = LabelState()
         self.round = 0
         self.model: nn.Module | None = None
+
+    @contextmanager
+    def _draws(self) -> Iterator[None]:
+        """Give the generator its state back when the block fails, so that a call that raised
+        (a rejected label, an interrupted query) leaves the seeded sequence of draws as it was."""
+        state = self.rng.bit_generator.state
+        try:
+            yield
+        except BaseException:
+            self.rng.bit_generator.state = state
+            raise
 
     def _simulated_oracle(self, ids: np.ndarray) -> np.ndarray:
         assert self.pool.y is not None
@@ -160,16 +186,17 @@ class ActiveLearner:
         """
         if self.state.labels:
             raise ValueError("the learner is already initialized")
-        if isinstance(n_or_ids, (int, np.integer)):
-            n = int(n_or_ids)
-            if not 0 < n <= len(self.pool):
-                raise ValueError(f"initial size must be in [1, {len(self.pool)}], got {n}")
-            ids = np.sort(self.rng.choice(self.pool.ids, size=n, replace=False))
-        else:
-            ids = self._check_new_ids(n_or_ids)
-            if ids.size == 0:
-                raise ValueError("the initial set is empty")
-        labels = self._get_labels(ids, labels)
+        with self._draws():
+            if isinstance(n_or_ids, (int, np.integer)) and not isinstance(n_or_ids, bool):
+                n, candidates = int(n_or_ids), np.sort(self.unlabeled_ids())  # sorted: pool order does not matter
+                if not 0 < n <= len(candidates):
+                    raise ValueError(f"initial size must be in [1, {len(candidates)}] (the ids not ignored), got {n}")
+                ids = np.sort(self.rng.choice(candidates, size=n, replace=False))
+            else:
+                ids = self._check_new_ids(n_or_ids)
+                if ids.size == 0:
+                    raise ValueError("the initial set is empty")
+            labels = self._get_labels(ids, labels)
         self.state.add(ids, labels, round=0)
         return ids
 
@@ -177,10 +204,13 @@ class ActiveLearner:
         """Train the model on the labeled set (re-initialized unless ``warm_start``)."""
         if not self.state.labels:
             raise ValueError("nothing is labeled yet: call initialize() first")
-        if self.model is None or not self.train_config.warm_start:
-            self.model = build_model(self.model_factory, self.rng)
-        ids = self.labeled_ids()
-        return fit(self.model, self.pool.X[self.pool.positions(ids)], self.labels(), self.train_config, self.rng)
+        with self._draws():
+            if self.model is None or not self.train_config.warm_start:
+                model = build_model(self.model_factory, self.rng)
+                check_model(model, self.n_classes, self.strategy)
+                self.model = model
+            ids = self.labeled_ids()
+            return fit(self.model, self.pool.X[self.pool.positions(ids)], self.labels(), self.train_config, self.rng)
 
     def evaluate(self, X: np.ndarray, y: np.ndarray) -> float:
         """Accuracy of the current model on held-out data (never used to choose anything)."""
@@ -208,7 +238,7 @@ class ActiveLearner:
             warnings.warn(msg + "; taking them all", stacklevel=2)
             budget = len(pool_ids)
         strategy = self.strategy
-        with Measure() as m:
+        with Measure() as m, self._draws():
             if budget == 0:
                 ids, scores = np.empty(0, dtype=np.int64), np.empty(0)
             else:

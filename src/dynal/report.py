@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from dynal.experiment import RESULTS
+from dynal.experiment import RESULTS, read_results
 
 
 def load_records(run: str | Path) -> list[dict]:
@@ -18,7 +17,7 @@ def load_records(run: str | Path) -> list[dict]:
         path = path / RESULTS
     if not path.exists():
         raise FileNotFoundError(f"no results at {path}")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_results(path)
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
@@ -44,14 +43,26 @@ def aubc(n_labeled: np.ndarray, accuracy: np.ndarray) -> float:
     return float(np.sum((acc[1:] + acc[:-1]) / 2 * np.diff(n)) / (n[-1] - n[0]))
 
 
+def incomplete_runs(records: list[dict]) -> list[tuple[str, int, int]]:
+    """``(strategy, seed, rounds done)`` of the runs with fewer rounds than the longest run
+    (interrupted, or still running): summaries leave them out, so that every curve and AUBC
+    covers the same label counts."""
+    by = curves(records)
+    full = max(len(c) for s in by.values() for c in s.values())
+    return sorted((name, seed, len(c)) for name, s in by.items() for seed, c in s.items() if len(c) < full)
+
+
 def summarize(records: list[dict]) -> dict[str, dict]:
-    """Per strategy: label counts, mean and std accuracy per round, and AUBC mean/std/per seed."""
+    """Per strategy: label counts, mean and std accuracy per round, and AUBC mean/std/per seed,
+    over the complete runs (see :func:`incomplete_runs`); strategies without one are left out."""
     summary = {}
-    for strategy, by_seed in curves(records).items():
-        lengths = {len(c) for c in by_seed.values()}
-        rounds = min(lengths)
-        acc = np.array([[a for _, a in c[:rounds]] for c in by_seed.values()])
-        n = np.array([n for n, _ in next(iter(by_seed.values()))[:rounds]])
+    partial = {(name, seed) for name, seed, _ in incomplete_runs(records)}
+    for strategy, runs in curves(records).items():
+        by_seed = {seed: c for seed, c in runs.items() if (strategy, seed) not in partial}
+        if not by_seed:
+            continue
+        acc = np.array([[a for _, a in c] for c in by_seed.values()])
+        n = np.array([n for n, _ in next(iter(by_seed.values()))])
         per_seed = {seed: aubc(n, acc[i]) for i, seed in enumerate(by_seed)}
         values = np.array(list(per_seed.values()))
         summary[strategy] = {
@@ -89,8 +100,11 @@ def table(records: list[dict]) -> str:
             diffs = [v - base[k] for k, v in s[n]["aubc_per_seed"].items() if k in base]
             cells.append(f"{np.mean(diffs):>+{width - 8}.3f} ± {np.std(diffs):.3f}" if diffs else " " * width)
         lines.append("vs random    " + "".join(cells))
-    seeds = sorted({r["seed"] for r in records})
+    seeds = sorted({seed for v in s.values() for seed in v["aubc_per_seed"]})
     lines.append(f"(test accuracy, mean ± std over {len(seeds)} seeds; AUBC normalized to [0, 1])")
+    partial = incomplete_runs(records)
+    if partial:
+        lines.append("(left out, not finished: " + ", ".join(f"{name} seed {seed}, {done} rounds logged" for name, seed, done in partial) + ")")
     return "\n".join(lines)
 
 

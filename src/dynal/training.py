@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dynal.validation import check_field_types
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -37,6 +39,7 @@ class TrainConfig:
     val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

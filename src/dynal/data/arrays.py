@@ -14,6 +14,8 @@ def check_inputs(X: np.ndarray, what: str = "X") -> np.ndarray:
     X = np.asarray(X)
     if X.ndim < 2:
         raise ValueError(f"{what} must have a sample axis and at least one feature axis, got shape {X.shape}")
+    if len(X) == 0:
+        raise ValueError(f"{what} has no rows")
     if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
         raise ValueError(f"{what} must be real numbers, got dtype {X.dtype}")
     X = X.astype(np.float32, copy=False)
@@ -31,6 +33,8 @@ def check_labels(y: np.ndarray, n_classes: int | None = None, what: str = "y") -
     if y.size and not np.issubdtype(y.dtype, np.integer):
         if not np.issubdtype(y.dtype, np.floating) or not np.all(np.mod(y, 1) == 0):
             raise ValueError(f"{what} must hold integer class indices, got dtype {y.dtype}")
+        if np.abs(y).max() >= 2**62:
+            raise ValueError(f"{what} has label {y.flat[np.abs(y).argmax()]:g}, outside any class range")
     y = y.astype(np.int64)
     if y.size and y.min() < 0:
         raise ValueError(f"{what} has negative labels, e.g. {int(y.min())}")
@@ -71,8 +75,6 @@ def from_arrays(
         ids = np.arange(len(X) + len(X_test), dtype=np.int64)
         train, test = Split(ids[: len(X)], X, y), Split(ids[len(X):], X_test, y_test)
     else:
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         train_pos, test_pos = stratified_split(y, test_fraction, seed)
         train = Split(train_pos.astype(np.int64), X[train_pos], y[train_pos])
         test = Split(test_pos.astype(np.int64), X[test_pos], y[test_pos])
@@ -81,7 +83,10 @@ def from_arrays(
 
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train, test) positions with ``test_fraction`` of each class in test."""
+    """Sorted (train, test) positions with ``test_fraction`` of each class in test; both must
+    be non-empty."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     test = []
     for k in np.unique(y):
@@ -90,6 +95,9 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
         test.append(rng.choice(members, size=n_test, replace=False))
     test_pos = np.sort(np.concatenate(test))
     train_pos = np.setdiff1d(np.arange(len(y)), test_pos)
+    for name, part in (("test", test_pos), ("train", train_pos)):
+        if len(part) == 0:
+            raise ValueError(f"test_fraction {test_fraction} of {len(y)} samples leaves the {name} split empty")
     return train_pos, test_pos
 
 

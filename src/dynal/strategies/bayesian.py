@@ -14,9 +14,13 @@ from dynal.strategies.base import ScoreStrategy
 def mutual_information(mc_probs: np.ndarray) -> np.ndarray:
     """BALD's ``I(y; theta | x) = H[mean_t p_t] - mean_t H[p_t]`` for (n x T x K) MC probabilities.
 
-    Entropies use ``entr`` (``0 log 0 = 0``), so no ``log(0)`` is ever taken.
+    Entropies use ``entr`` (``0 log 0 = 0``), so no ``log(0)`` is ever taken. A difference within
+    rounding of 0 (at most ``1e-12`` of ``H[mean_t p_t]``, or below 0, which the exact value never
+    is) is 0, so that samples without information tie and the tie keys order them.
     """
-    return entr(mc_probs.mean(axis=1)).sum(axis=1) - entr(mc_probs).sum(axis=2).mean(axis=1)
+    total = entr(mc_probs.mean(axis=1)).sum(axis=1)
+    mi = total - entr(mc_probs).sum(axis=2).mean(axis=1)
+    return np.where(mi > 1e-12 * total, mi, 0.0)
 
 
 class BALD(ScoreStrategy):

@@ -53,6 +53,8 @@ class BADGE(Strategy):
         r, h = arrays["r"], arrays["h"]
         by_id = np.argsort(ids, kind="stable")  # D² is drawn over the pool in id order
         budget = min(budget, len(ids))
+        if budget <= 0:
+            return ids[:0], np.empty(0)
         keys = tie_keys(ids, draw_salt(rng))
         norm2 = np.einsum("nk,nk->n", r, r) * np.einsum("nd,nd->n", h, h)
         i = argmax_tied(norm2, keys)
@@ -321,6 +323,8 @@ class BAIT(Strategy):
             raise ValueError(f"fisher='full' needs K·d <= max_dim, got K·d = {dim} > {self.max_dim}: raise max_dim or use fisher='diagonal'")
         full = self.fisher == "full" or (self.fisher == "auto" and dim <= self.max_dim)
         budget = min(budget, len(ids))
+        if budget <= 0:
+            return ids[:0], np.empty(0)
         n_forward = min(len(ids), math.ceil(self.oversample * budget))
         keys = tie_keys(ids, draw_salt(rng))
         run = _bait_full if full else _bait_diagonal

@@ -7,6 +7,7 @@ pseudo-label and ``G_S`` the summed true-label gradient of the labeled set. With
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +46,7 @@ class DynamicAL(ScoreStrategy):
             raise ValueError(f"params must be 'last' or 'all', got {params!r}")
         if pseudo_label not in ("argmax", "expected"):
             raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {pseudo_label!r}")
-        if not np.isfinite(train_term) or train_term < 0:
+        if isinstance(train_term, bool) or not isinstance(train_term, numbers.Real) or not np.isfinite(train_term) or train_term < 0:
             raise ValueError(f"train_term must be a finite number >= 0, got {train_term}")
         self.params = params
         self.train_term = float(train_term)

@@ -21,13 +21,16 @@ class RandomSampling(ScoreStrategy):
 
 
 class LeastConfidence(ScoreStrategy):
-    """Least confidence: ``1 - max_k p_k``."""
+    """Least confidence: ``1 - max_k p_k``, summed from the other classes' probabilities so that
+    confident samples keep their order where ``1 - max_k p_k`` would round to 0."""
 
     name = "least-confidence"
     outputs = ("probs",)
 
     def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
-        return 1.0 - chunk["probs"].max(axis=1)
+        p = chunk["probs"].copy()
+        p[np.arange(len(p)), p.argmax(axis=1)] = 0.0
+        return p.sum(axis=1)
 
 
 class Margin(ScoreStrategy):
