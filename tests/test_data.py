@@ -98,6 +98,8 @@ def test_npz_and_npy_files(tmp_path):
     np.savez(tmp_path / "d.npz", X=X, y=y)
     d = load_dataset(str(tmp_path / "d.npz"))
     assert len(d.train) + len(d.test) == 20 and d.n_classes == 2
+    with pytest.raises(ValueError, match="labels= is for .npy inputs"):
+        load_arrays(tmp_path / "d.npz", labels=tmp_path / "y.npy")
     np.save(tmp_path / "x.npy", X)
     np.save(tmp_path / "y.npy", y)
     d2 = load_arrays(tmp_path / "x.npy", labels=tmp_path / "y.npy")

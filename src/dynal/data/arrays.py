@@ -109,6 +109,8 @@ def load_arrays(path: str | Path, labels: str | Path | None = None, **kwargs) ->
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".npz":
+        if labels is not None:
+            raise ValueError(f"{path} holds its labels as 'y'; labels= is for .npy inputs")
         with np.load(path, allow_pickle=False) as f:
             missing = {"X", "y"} - set(f.files)
             if missing:
