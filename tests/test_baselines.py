@@ -179,6 +179,16 @@ def test_coreset_matches_full_distance_matrix_greedy(n_labeled):
     np.testing.assert_allclose(got_scores[skip:], scores[skip:], rtol=1e-7)
 
 
+def test_coreset_is_exact_on_features_with_a_large_common_offset():
+    ids, _, X = _pool(40, 2, 4, seed=4)
+    X = 100.0 + 3e-4 * X  # the expanded ||a||² + ||b||² - 2 a·b alone would round to noise
+    L = 100.0 + 3e-4 * np.random.default_rng(5).normal(size=(3, 4))
+    picks, scores = _coreset_reference(X, L, 9)
+    got, got_scores = Coreset().select(_chunks(ids, features=X), {"labeled_features": L}, 9, np.random.default_rng(0))
+    np.testing.assert_array_equal(got, ids[picks])
+    np.testing.assert_allclose(got_scores, scores, rtol=1e-6)
+
+
 def test_coreset_never_repeats_when_features_coincide():
     ids = np.arange(200, 230)
     X = np.repeat(np.eye(3), 10, axis=0)  # three distinct points, ten copies each

@@ -53,9 +53,13 @@ class Coreset(Strategy):
     def select(self, chunks: Chunks, stats: Mapping[str, Any], budget: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         ids, arrays = gather(chunks, ["features"])
         X = arrays.pop("features").astype(np.float64)
+        # distances do not change under a shift, and their expanded form is accurate to the
+        # features' spread only once their common offset is taken out
+        shift = X.mean(axis=0)
+        X -= shift
         budget = min(budget, len(ids))
         keys = tie_keys(ids, draw_salt(rng))
-        d2 = min_sq_dists(X, np.asarray(stats["labeled_features"], dtype=np.float64))
+        d2 = min_sq_dists(X, np.asarray(stats["labeled_features"], dtype=np.float64) - shift)
         xx = np.einsum("nd,nd->n", X, X)
         picks, scores = np.empty(budget, dtype=np.int64), np.empty(budget)
         for step in range(budget):
