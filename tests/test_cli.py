@@ -27,3 +27,22 @@ def test_run_and_list(tmp_path):
     assert "entropy" in result.output
     listing = runner.invoke(app, ["list"])
     assert "dynamical" in listing.output and "fashion-mnist" in listing.output
+
+
+def test_user_errors_are_one_line_not_a_traceback(tmp_path):
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("name = \n")
+    wrong_value = tmp_path / "wd.toml"
+    wrong_value.write_text(
+        'initial = 4\nbudget = 2\nrounds = 1\n[dataset]\nname = "blobs"\nn = 60\n'
+        '[model]\nname = "mlp"\n[train]\nweight_decay = -1.0\n[[strategies]]\nname = "entropy"\n'
+    )
+    for args, message in [
+        (["run", str(bad_toml)], "bad.toml is not valid TOML"),
+        (["run", str(wrong_value), "--out", str(tmp_path / "o")], "weight_decay must be a finite number >= 0"),
+        (["report", str(tmp_path)], "no results at"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()

@@ -27,3 +27,28 @@ def test_bad_model_arguments():
         model_factory("alexnet", (3, 32, 32), 10)
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         model_factory("cnn", (64,), 10)
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("resnet18", {"width": 0}, "width must be a positive number"),
+        ("vgg11", {"width": -1.0}, "width must be a positive number"),
+        ("cnn", {"width": 0.25}, "positive integer"),
+        ("cnn", {"hidden": 0}, "hidden must be a positive integer"),
+        ("mlp", {"hidden": 128}, "list of positive layer widths"),
+        ("mlp", {"hidden": [0]}, "list of positive layer widths"),
+        ("mlp", {"dropout": -0.1}, r"dropout must be a number in \[0, 1\)"),
+        ("cnn", {"dropout": True}, "dropout must be a number"),
+        ("resnet18", {"dropout": "0.3"}, "dropout must be a number"),
+    ],
+)
+def test_model_options_are_checked(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        model_factory(name, (1, 8, 8) if name != "mlp" else (6,), 3, **params)
+
+
+def test_building_a_factory_leaves_torchs_generator_alone():
+    state = torch.random.get_rng_state()
+    model_factory("resnet18", (3, 8, 8), 4, width=0.25)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -13,6 +15,17 @@ from dynal.experiment import ExperimentConfig, run_experiment
 from dynal.report import load_records, plot, table
 
 app = typer.Typer(help="Deep active learning with dynamicAL and its baselines.", no_args_is_help=True, add_completion=False)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Show a mistake in the input (a bad config or file, a path that cannot be written) as one
+    line on stderr and exit with status 1, instead of a traceback."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _run_and_report(config: ExperimentConfig, out: Path, progress: bool) -> None:
@@ -48,7 +61,8 @@ def demo(
         changes["rounds"] = rounds
     if epochs is not None:
         changes["train"] = dataclasses.replace(config.train, epochs=epochs)
-    _run_and_report(dataclasses.replace(config, **changes), out, progress)
+    with _user_errors():
+        _run_and_report(dataclasses.replace(config, **changes), out, progress)
 
 
 @app.command()
@@ -58,8 +72,9 @@ def run(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run a simulated-oracle experiment from a TOML config (resumes an interrupted run)."""
-    cfg = ExperimentConfig.from_toml(config)
-    _run_and_report(cfg, out or Path("runs") / cfg.name, progress)
+    with _user_errors():
+        cfg = ExperimentConfig.from_toml(config)
+        _run_and_report(cfg, out or Path("runs") / cfg.name, progress)
 
 
 @app.command()
@@ -68,10 +83,11 @@ def report(
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Where to write the learning-curve PNG."),
 ) -> None:
     """Print the accuracy/AUBC table of a run and write its learning-curve plot."""
-    records = load_records(run_dir)
-    typer.echo(table(records))
-    base = run_dir if run_dir.is_dir() else run_dir.parent
-    typer.echo(f"plot: {plot(records, plot_path or base / 'learning_curve.png')}")
+    with _user_errors():
+        records = load_records(run_dir)
+        typer.echo(table(records))
+        base = run_dir if run_dir.is_dir() else run_dir.parent
+        typer.echo(f"plot: {plot(records, plot_path or base / 'learning_curve.png')}")
 
 
 @app.command("approx-ratio")
@@ -95,8 +111,10 @@ def approx_ratio(
             raise typer.BadParameter(f"query sizes must be positive, got {text!r}")
         return values
 
-    records = approximation_study(ExperimentConfig.from_toml(config), ints(budgets), tiny_pool, ints(tiny_budgets), seed, progress)
-    typer.echo(ratio_table(records))
+    budget_list, tiny_list = ints(budgets), ints(tiny_budgets)
+    with _user_errors():
+        records = approximation_study(ExperimentConfig.from_toml(config), budget_list, tiny_pool, tiny_list, seed, progress)
+        typer.echo(ratio_table(records))
 
 
 @app.command("list")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from dynal.data import load_dataset
@@ -107,6 +108,8 @@ class ExperimentConfig:
             if key not in raw:
                 raise ValueError(f"the config needs a '{key}' entry")
         train = raw.pop("train", {})
+        if not isinstance(train, dict):
+            raise TypeError(f"[train] must be a table, got {train!r}")
         train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
         if set(train) - train_keys:
             raise ValueError(f"unknown [train] keys {sorted(set(train) - train_keys)}; known: {sorted(train_keys)}")
@@ -117,14 +120,16 @@ class ExperimentConfig:
         if not isinstance(seeds, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise TypeError(f"seeds must be a list of integers, got {seeds!r}")
         raw["seeds"] = tuple(seeds)
-        if not isinstance(train, dict):
-            raise TypeError(f"[train] must be a table, got {train!r}")
         return cls(train=TrainConfig(**train), **raw)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ExperimentConfig:
         with open(path, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"{path} is not valid TOML: {err}") from None
+        return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -203,7 +208,8 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool
         raise ValueError(f"initial + rounds x budget = {needed} exceeds the pool of {len(data.train)}")
     model_params = {k: v for k, v in config.model.items() if k != "name"}
     factory = model_factory(config.model["name"], data.input_shape, data.n_classes, **model_params)
-    model = factory()
+    with torch.random.fork_rng(devices=[]):  # torch's global generator is not ours to move
+        model = factory()
     for spec in config.strategies:
         check_model(model, data.n_classes, make_strategy(spec.name, **spec.params))
 

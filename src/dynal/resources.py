@@ -38,6 +38,7 @@ class Measure:
             self._peak = max(self._peak, resident_bytes())
 
     def __enter__(self) -> Measure:
+        self._stop.clear()  # a Measure can time several blocks, one after another
         self._base = resident_bytes()
         self._peak = self._base
         self._thread = threading.Thread(target=self._sample, daemon=True)

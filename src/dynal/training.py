@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dynal.data.arrays import check_labels
 from dynal.validation import check_field_types
 
 
@@ -42,8 +45,14 @@ class TrainConfig:
         check_field_types(self)
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -81,8 +90,12 @@ def fit(
     """Train ``model`` in place on ``(X, y)`` with cross-entropy for ``config.epochs`` epochs.
 
     Shuffling, dropout and the validation hold-out all draw from ``rng``, so the same
-    generator state gives the same weights.
+    generator state gives the same weights. The hold-out takes ``val_fraction`` of the samples,
+    at least one and never all. A batch of one sample (``batch_size=1``, or a labeled set of
+    one) runs the BatchNorm layers on their running statistics, since a batch's own statistics
+    need more than one value per channel.
     """
+    y = check_labels(y, getattr(getattr(model, "head", None), "out_features", None), what="y")
     if len(X) != len(y):
         raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
     if len(X) == 0:
@@ -91,8 +104,10 @@ def fit(
     train_pos = np.arange(len(X))
     val_pos = np.empty(0, dtype=np.int64)
     if config.val_fraction > 0:
-        n_val = int(round(config.val_fraction * len(X)))
-        if 0 < n_val < len(X):
+        if len(X) < 2:
+            warnings.warn("val_fraction needs two labeled samples or more: training without a hold-out", stacklevel=2)
+        else:
+            n_val = min(max(int(round(config.val_fraction * len(X))), 1), len(X) - 1)
             perm = rng.permutation(len(X))
             val_pos, train_pos = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     Xt = torch.from_numpy(np.ascontiguousarray(X[train_pos]))
@@ -104,15 +119,19 @@ def fit(
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     best_acc, best_state = -1.0, None
     history: list[float] = []
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_from(rng))
         for _ in range(config.epochs):
             model.train()
             order = torch.from_numpy(rng.permutation(len(Xt)))
             total = 0.0
-            for batch in order.split(config.batch_size):
-                if len(batch) == 1 and len(order) > 1:
-                    continue  # a 1-sample batch breaks BatchNorm in train mode
+            batches = list(order.split(config.batch_size))
+            if len(batches) > 1 and len(batches[-1]) == 1:  # no lone last sample
+                batches[-2:] = [torch.cat(batches[-2:])]
+            for batch in batches:
+                for m in norms:
+                    m.train(len(batch) > 1)
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(Xt[batch]), yt[batch], reduction="sum")
                 (loss / len(batch)).backward()
@@ -146,6 +165,9 @@ def predict_proba(model: nn.Module, X: np.ndarray, batch_size: int = 1024) -> np
 
 def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
     """Accuracy of ``model`` on ``(X, y)`` in eval mode."""
+    y = check_labels(y, what="y")
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
     if len(X) == 0:
         raise ValueError("cannot evaluate on an empty set")
-    return float((predict_proba(model, X, batch_size).argmax(1) == np.asarray(y)).mean())
+    return float((predict_proba(model, X, batch_size).argmax(1) == y).mean())

@@ -1,0 +1,85 @@
+"""Training and evaluation on the labeled set."""
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dynal import TrainConfig, model_factory
+from dynal.resources import Measure
+from dynal.training import build_model, evaluate, fit
+
+
+def _data(n, shape=(6,), k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *shape)).astype(np.float32), np.arange(n) % k
+
+
+def test_batches_of_one_sample_train_and_batchnorm_models_take_them():
+    X, y = _data(12)
+    model = build_model(model_factory("mlp", (6,), 3, hidden=[8]), np.random.default_rng(0))
+    before = [p.detach().clone() for p in model.parameters()]
+    fit(model, X, y, TrainConfig(epochs=2, batch_size=1, lr=0.1), np.random.default_rng(0))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for name in ("resnet18", "vgg11"):  # 1x1 maps at the end: a batch of one has one value per channel
+        Xi, yi = _data(1, (1, 8, 8))
+        model = build_model(model_factory(name, (1, 8, 8), 3, width=0.125), np.random.default_rng(0))
+        fit(model, Xi, yi, TrainConfig(epochs=1), np.random.default_rng(0))
+        assert not model.training
+
+
+def test_the_reported_loss_covers_every_sample_including_a_lone_last_one():
+    X, y = _data(11)
+    model = build_model(model_factory("mlp", (6,), 3, hidden=[8]), np.random.default_rng(1))
+    with torch.no_grad():
+        want = float(F.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(y)))
+    got = fit(model, X, y, TrainConfig(epochs=1, batch_size=10, lr=1e-12), np.random.default_rng(0)).final_loss
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_labels_and_shapes_are_checked():
+    X, y = _data(10)
+    model = build_model(model_factory("mlp", (6,), 3, hidden=[8]), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="integer class indices"):
+        fit(model, X, np.full(10, 0.7), TrainConfig(epochs=1), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="outside the class range"):
+        fit(model, X, y + 1, TrainConfig(epochs=1), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="one-dimensional"):
+        evaluate(model, X, y[:, None])
+    with pytest.raises(ValueError, match="10 rows but y has 1 labels"):
+        evaluate(model, X, y[:1])
+
+
+def test_the_hold_out_is_never_empty_nor_everything():
+    X, y = _data(10)
+    model = build_model(model_factory("mlp", (6,), 3, hidden=[8]), np.random.default_rng(0))
+    for fraction in (0.01, 0.95):
+        assert fit(model, X, y, TrainConfig(epochs=1, val_fraction=fraction), np.random.default_rng(0)).val_accuracy is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(model, X[:1], y[:1], TrainConfig(epochs=1, val_fraction=0.5), np.random.default_rng(0))
+    assert result.val_accuracy is None and "hold-out" in str(caught[0].message)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("weight_decay", -1.0, "weight_decay"), ("lr", float("nan"), "lr"), ("lr", float("inf"), "lr"), ("momentum", 1.0, "momentum")],
+)
+def test_train_config_ranges(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_a_measure_times_several_blocks():
+    m = Measure()
+    with m:
+        pass
+    with m:
+        block = np.ones(40_000_000)  # 320 MB, touched, and freed before the block ends:
+        time.sleep(0.05)  # only the sampling thread can see it
+        last = block[-1]
+        del block
+    assert m.peak_bytes > 200e6 and last == 1.0
