@@ -126,6 +126,9 @@ def test_call_order_and_names_are_checked(blobs, mlp_factory):
         make_strategy("coresets")
     with pytest.raises(ValueError, match="no parameter"):
         make_strategy("entropy", temperature=2)
+    for name in ("random", "entropy"):  # no parameters at all: not even `args` or `kwargs`
+        with pytest.raises(ValueError, match=r"has no parameter\(s\) \['kwargs'\]; it takes none"):
+            make_strategy(name, kwargs=1)
     with pytest.raises(ValueError, match="train_term"):
         make_strategy("dynamical", train_term=-1)
 

@@ -92,7 +92,7 @@ class ActiveLearner:
     n_classes : number of classes of the task (from the dataset, never from labels seen)
     train_config : how to train each round
     rng : the generator every random choice draws from
-    oracle : ``ids -> labels`` used when :meth:`initialize` or :meth:`label` get no labels;
+    oracle : ``ids -> labels`` used when :meth:`initialize` or :meth:`update` get no labels;
         defaults to the pool's hidden labels when the split has them
     chunk_size : rows per forward pass of the pool scan
     progress : show progress bars

@@ -56,8 +56,9 @@ def from_arrays(
 ) -> Dataset:
     """Build a :class:`Dataset` from arrays.
 
-    Train ids are ``0..N-1`` (row numbers of ``X``) and test ids follow on. Without an
-    explicit test set, a stratified ``test_fraction`` of ``X`` is held out with ``seed``.
+    Ids are row numbers: with an explicit test set, train ids are ``0..N-1`` (the rows of ``X``)
+    and test ids ``N..`` follow on; without one, a stratified ``test_fraction`` of ``X`` is held
+    out with ``seed``, and each sample keeps its row of ``X`` as its id, in either split.
     """
     X = check_inputs(X, "X")
     y = check_labels(y, n_classes, what="y")

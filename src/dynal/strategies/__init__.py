@@ -27,7 +27,8 @@ def make_strategy(name: str | Strategy, **params: Any) -> Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     cls = STRATEGIES[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind in named} - {"self"}
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"strategy {name!r} has no parameter(s) {unknown}; it takes {sorted(accepted) or 'none'}")
