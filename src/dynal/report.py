@@ -48,7 +48,7 @@ def incomplete_runs(records: list[dict]) -> list[tuple[str, int, int]]:
     (interrupted, or still running): summaries leave them out, so that every curve and AUBC
     covers the same label counts."""
     by = curves(records)
-    full = max(len(c) for s in by.values() for c in s.values())
+    full = max((len(c) for s in by.values() for c in s.values()), default=0)
     return sorted((name, seed, len(c)) for name, s in by.items() for seed, c in s.items() if len(c) < full)
 
 
