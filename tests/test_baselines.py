@@ -361,3 +361,5 @@ def test_least_confidence_and_bald_keep_the_order_of_confident_samples():
     assert np.all(np.diff(scores) < 0) and scores[0] == pytest.approx(np.exp(-37.0), rel=1e-9)
     same = np.repeat(np.random.default_rng(0).dirichlet(np.ones(3), size=(200, 1)), 20, axis=1)
     assert np.all(mutual_information(same) == 0.0)  # identical passes: no information, never below 0
+    same[3] = np.nan
+    assert np.isnan(mutual_information(same)[3])  # left for the top-b to refuse, not zeroed

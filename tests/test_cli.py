@@ -43,6 +43,8 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path):
         (["report", str(tmp_path)], "no results at"),
     ]:
         result = runner.invoke(app, args)
-        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.exit_code == 1 and message in result.output and "DYNAL_DEBUG=1" in result.output, result.output
         assert "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+    debug = runner.invoke(app, ["run", str(bad_toml)], env={"DYNAL_DEBUG": "1"})
+    assert isinstance(debug.exception, ValueError)  # with its traceback

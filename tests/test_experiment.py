@@ -94,8 +94,11 @@ def test_config_errors_are_specific(tmp_path):
         _config(BLOBS, strategies=["random", "random"])
     with pytest.raises(ValueError, match=r"unknown \[train\] keys"):
         _config(BLOBS, train={"epoch": 3})
-    with pytest.raises(ValueError, match="seeds must be distinct"):
-        _config(BLOBS, seeds=[0, 0])
+    for seeds in ([0, 0], [-1]):
+        with pytest.raises(ValueError, match="seeds must be distinct integers >= 0"):
+            _config(BLOBS, seeds=seeds)
+    with pytest.raises(TypeError, match="label must be a str"):
+        _config(BLOBS, strategies=[{"name": "random", "label": 7}])
     for key, value, message in [
         ("seeds", "12", "seeds must be a list of integers"),
         ("seeds", [0.9, 1.5], "seeds must be a list of integers"),
@@ -160,3 +163,7 @@ def test_report_from_records(tmp_path):
     assert s["random"]["seeds"] == 2
     text = table(records)
     assert "+0.100 ± 0.000" in text and "random seed 2, 1 rounds logged" in text
+    # with the planned rounds known, a run cut short is found even when no run is longer
+    partial = [r for r in records if r["round"] == 0 and r["seed"] == 0]
+    assert "random seed 0" not in table(partial) and "no run has finished yet" in table(partial, rounds=1)
+    assert summarize(partial, rounds=1) == {}

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from dynal import ActiveLearner, TrainConfig, make_strategy, model_factory
 
@@ -152,3 +153,27 @@ def test_warm_start_keeps_the_model_and_reinit_replaces_it(blobs, mlp_factory):
         first = learner.model
         learner.fit()
         assert (learner.model is first) == warm
+
+
+def test_a_warm_started_fit_that_fails_leaves_the_model_as_it_was(blobs, mlp_factory):
+    config = TrainConfig(epochs=3, batch_size=8, warm_start=True)
+    runs = []
+    for interrupt in (False, True):
+        learner = ActiveLearner(blobs.train, mlp_factory, "random", blobs.n_classes, config, rng=1)
+        learner.initialize(20)
+        learner.fit()
+        if interrupt:  # the second round's training stops after a few steps
+            calls = []
+
+            def stop(module, inputs):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise KeyboardInterrupt
+
+            handle = learner.model.register_forward_pre_hook(stop)
+            with pytest.raises(KeyboardInterrupt):
+                learner.fit()
+            handle.remove()
+        learner.fit()
+        runs.append(torch.cat([p.detach().flatten() for p in learner.model.parameters()]))
+    assert torch.equal(runs[0], runs[1])

@@ -34,6 +34,7 @@ def test_bad_model_arguments():
     [
         ("resnet18", {"width": 0}, "width must be a positive number"),
         ("vgg11", {"width": -1.0}, "width must be a positive number"),
+        ("resnet18", {"width": float("inf")}, "width must be a positive number"),
         ("cnn", {"width": 0.25}, "positive integer"),
         ("cnn", {"hidden": 0}, "hidden must be a positive integer"),
         ("mlp", {"hidden": 128}, "list of positive layer widths"),

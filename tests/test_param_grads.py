@@ -337,6 +337,19 @@ def test_a_model_torch_func_cannot_run_is_scored_one_sample_at_a_time():
     assert stats.loop_fallback and "one sample at a time" in message
 
 
+def test_the_first_batch_check_tolerates_gradients_that_underflow_float32():
+    torch.manual_seed(0)
+    model = MLP((1, 8, 8), 10, hidden=[32]).eval()
+    with torch.no_grad():  # logit gaps of 35-60: r ~ 1e-20, squares below float32's range
+        model.head.weight.mul_(6000.0)
+        model.head.bias.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = ParamGradStats(model, None)
+        stats(torch.randn(16, 1, 8, 8))
+    assert stats.checked and len(stats.covered) == 2
+
+
 def test_float64_models_and_empty_batches():
     torch.manual_seed(8)
     model = SmallCNN((1, 8, 8), 3, width=4, hidden=8).double()

@@ -22,8 +22,11 @@ def test_batches_of_one_sample_train_and_batchnorm_models_take_them():
     X, y = _data(12)
     model = build_model(model_factory("mlp", (6,), 3, hidden=[8]), np.random.default_rng(0))
     before = [p.detach().clone() for p in model.parameters()]
+    sizes = []
+    model.register_forward_pre_hook(lambda m, inputs: sizes.append(len(inputs[0])) if m.training else None)
     fit(model, X, y, TrainConfig(epochs=2, batch_size=1, lr=0.1), np.random.default_rng(0))
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert sizes == [1] * 24  # one step per sample
     for name in ("resnet18", "vgg11"):  # 1x1 maps at the end: a batch of one has one value per channel
         Xi, yi = _data(1, (1, 8, 8))
         model = build_model(model_factory(name, (1, 8, 8), 3, width=0.125), np.random.default_rng(0))

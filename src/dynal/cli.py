@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -12,7 +13,7 @@ from typing import Optional
 import typer
 
 from dynal.experiment import ExperimentConfig, run_experiment
-from dynal.report import load_records, plot, table
+from dynal.report import load_records, planned_rounds, plot, table
 
 app = typer.Typer(help="Deep active learning with dynamicAL and its baselines.", no_args_is_help=True, add_completion=False)
 
@@ -20,19 +21,22 @@ app = typer.Typer(help="Deep active learning with dynamicAL and its baselines.",
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Show a mistake in the input (a bad config or file, a path that cannot be written) as one
-    line on stderr and exit with status 1, instead of a traceback."""
+    line on stderr and exit with status 1, instead of a traceback; with ``DYNAL_DEBUG=1`` in
+    the environment the error propagates with its traceback."""
     try:
         yield
-    except (ValueError, TypeError, KeyError, OSError) as err:
-        typer.echo(f"error: {err}", err=True)
+    except (ValueError, TypeError, OSError) as err:
+        if os.environ.get("DYNAL_DEBUG"):
+            raise
+        typer.echo(f"error: {err} (DYNAL_DEBUG=1 shows the traceback)", err=True)
         raise typer.Exit(1) from None
 
 
 def _run_and_report(config: ExperimentConfig, out: Path, progress: bool) -> None:
     results = run_experiment(config, out, progress=progress)
     records = load_records(results)
-    typer.echo(table(records))
-    png = plot(records, out / "learning_curve.png", title=f"{config.name}: {config.dataset['name']}, {config.model['name']}")
+    typer.echo(table(records, config.rounds))
+    png = plot(records, out / "learning_curve.png", title=f"{config.name}: {config.dataset['name']}, {config.model['name']}", rounds=config.rounds)
     typer.echo(f"results: {results}\nplot: {png}")
 
 
@@ -84,10 +88,10 @@ def report(
 ) -> None:
     """Print the accuracy/AUBC table of a run and write its learning-curve plot."""
     with _user_errors():
-        records = load_records(run_dir)
-        typer.echo(table(records))
+        records, rounds = load_records(run_dir), planned_rounds(run_dir)
+        typer.echo(table(records, rounds))
         base = run_dir if run_dir.is_dir() else run_dir.parent
-        typer.echo(f"plot: {plot(records, plot_path or base / 'learning_curve.png')}")
+        typer.echo(f"plot: {plot(records, plot_path or base / 'learning_curve.png', rounds=rounds)}")
 
 
 @app.command("approx-ratio")

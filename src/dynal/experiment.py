@@ -33,6 +33,7 @@ class StrategySpec:
     label: str = ""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         make_strategy(self.name, **self.params)  # validate now
         if not self.label:
             object.__setattr__(self, "label", self.name)
@@ -93,8 +94,8 @@ class ExperimentConfig:
             raise ValueError("initial, budget and chunk_size must be >= 1 and rounds >= 0")
         if not self.seeds:
             raise ValueError("the config names no seeds")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
+        if len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be distinct integers >= 0, got {list(self.seeds)}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -205,12 +206,21 @@ class ActiveLearner:
         if not self.state.labels:
             raise ValueError("nothing is labeled yet: call initialize() first")
         with self._draws():
+            kept = None  # a warm-started model's weights, given back if training fails
             if self.model is None or not self.train_config.warm_start:
                 model = build_model(self.model_factory, self.rng)
                 check_model(model, self.n_classes, self.strategy)
-                self.model = model
+            else:
+                model, kept = self.model, copy.deepcopy(self.model.state_dict())
             ids = self.labeled_ids()
-            return fit(self.model, self.pool.X[self.pool.positions(ids)], self.labels(), self.train_config, self.rng)
+            try:
+                result = fit(model, self.pool.X[self.pool.positions(ids)], self.labels(), self.train_config, self.rng)
+            except BaseException:
+                if kept is not None:
+                    model.load_state_dict(kept)
+                raise
+        self.model = model
+        return result
 
     def evaluate(self, X: np.ndarray, y: np.ndarray) -> float:
         """Accuracy of the current model on held-out data (never used to choose anything)."""

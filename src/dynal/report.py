@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,20 +44,32 @@ def aubc(n_labeled: np.ndarray, accuracy: np.ndarray) -> float:
     return float(np.sum((acc[1:] + acc[:-1]) / 2 * np.diff(n)) / (n[-1] - n[0]))
 
 
-def incomplete_runs(records: list[dict]) -> list[tuple[str, int, int]]:
-    """``(strategy, seed, rounds done)`` of the runs with fewer rounds than the longest run
-    (interrupted, or still running): summaries leave them out, so that every curve and AUBC
-    covers the same label counts."""
+def planned_rounds(run: str | Path) -> int | None:
+    """The query rounds a run directory's ``config.json`` plans (``None`` without one)."""
+    path = Path(run)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.exists():
+        return None
+    try:
+        return int(json.loads(config.read_text())["rounds"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{config} is unreadable") from None
+
+
+def incomplete_runs(records: list[dict], rounds: int | None = None) -> list[tuple[str, int, int]]:
+    """``(strategy, seed, records logged)`` of the runs with fewer than ``rounds + 1`` records
+    (or, when ``rounds`` is not known, fewer than the longest run): interrupted, or still
+    running. Summaries leave them out, so that every curve and AUBC covers the same label counts."""
     by = curves(records)
-    full = max((len(c) for s in by.values() for c in s.values()), default=0)
+    full = rounds + 1 if rounds is not None else max((len(c) for s in by.values() for c in s.values()), default=0)
     return sorted((name, seed, len(c)) for name, s in by.items() for seed, c in s.items() if len(c) < full)
 
 
-def summarize(records: list[dict]) -> dict[str, dict]:
+def summarize(records: list[dict], rounds: int | None = None) -> dict[str, dict]:
     """Per strategy: label counts, mean and std accuracy per round, and AUBC mean/std/per seed,
     over the complete runs (see :func:`incomplete_runs`); strategies without one are left out."""
     summary = {}
-    partial = {(name, seed) for name, seed, _ in incomplete_runs(records)}
+    partial = {(name, seed) for name, seed, _ in incomplete_runs(records, rounds)}
     for strategy, runs in curves(records).items():
         by_seed = {seed: c for seed, c in runs.items() if (strategy, seed) not in partial}
         if not by_seed:
@@ -77,10 +90,12 @@ def summarize(records: list[dict]) -> dict[str, dict]:
     return summary
 
 
-def table(records: list[dict]) -> str:
+def table(records: list[dict], rounds: int | None = None) -> str:
     """A text table: mean ± std test accuracy per round and strategy, then AUBC, then the
     paired AUBC difference against ``random`` when it was run."""
-    s = summarize(records)
+    s = summarize(records, rounds)
+    if not s:
+        return "no run has finished yet (" + ", ".join(f"{n} seed {seed}, {k} rounds logged" for n, seed, k in incomplete_runs(records, rounds)) + ")"
     names = sorted(s)
     n_rows = max(len(v["n_labeled"]) for v in s.values())
     ref = next(iter(s.values()))["n_labeled"]
@@ -102,13 +117,13 @@ def table(records: list[dict]) -> str:
         lines.append("vs random    " + "".join(cells))
     seeds = sorted({seed for v in s.values() for seed in v["aubc_per_seed"]})
     lines.append(f"(test accuracy, mean ± std over {len(seeds)} seeds; AUBC normalized to [0, 1])")
-    partial = incomplete_runs(records)
+    partial = incomplete_runs(records, rounds)
     if partial:
         lines.append("(left out, not finished: " + ", ".join(f"{name} seed {seed}, {done} rounds logged" for name, seed, done in partial) + ")")
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: str | Path, title: str = "") -> Path:
+def plot(records: list[dict], path: str | Path, title: str = "", rounds: int | None = None) -> Path:
     """Write a learning-curve PNG: one line per strategy, a band of ± one std over seeds."""
     import matplotlib
 
@@ -116,7 +131,7 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, v in sorted(summarize(records).items()):
+    for name, v in sorted(summarize(records, rounds).items()):
         ax.plot(v["n_labeled"], v["mean"], marker="o", ms=3, label=f"{name} (AUBC {v['aubc_mean']:.3f})")
         ax.fill_between(v["n_labeled"], v["mean"] - v["std"], v["mean"] + v["std"], alpha=0.2)
     ax.set_xlabel("labeled samples")

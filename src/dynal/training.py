@@ -127,7 +127,7 @@ def fit(
             order = torch.from_numpy(rng.permutation(len(Xt)))
             total = 0.0
             batches = list(order.split(config.batch_size))
-            if len(batches) > 1 and len(batches[-1]) == 1:  # no lone last sample
+            if config.batch_size > 1 and len(batches) > 1 and len(batches[-1]) == 1:  # no lone last sample
                 batches[-2:] = [torch.cat(batches[-2:])]
             for batch in batches:
                 for m in norms:

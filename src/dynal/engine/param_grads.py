@@ -430,10 +430,12 @@ class ParamGradStats:
 
     def _disagreeing(self, x: torch.Tensor, r: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[str]:
         """Covered layers whose fast statistics differ from a one-sample autograd pass (by more
-        than 1e-3 relative to the layer's share, or 1e-5 of the sample's total), on the two
-        samples with the largest ``||r||``."""
+        than 1e-3 relative to the layer's share, or 1e-5 of the sample's total, or what squares
+        of values near the dtype's smallest normal number lose), on the two samples with the
+        largest ``||r||``."""
         if not self.covered:
             return []
+        floor = 1e6 * torch.finfo(r.dtype).tiny
         picks = torch.topk(r.double().norm(dim=1), min(2, len(x))).indices
         names = [(l, pn) for l, (_, m) in enumerate(self.covered) for pn, _ in m.named_parameters(recurse=False)]
         params = [self.covered[l][1].get_parameter(pn) for l, pn in names]
@@ -450,10 +452,10 @@ class ParamGradStats:
                     g_sq[l] += self.G_layers[l][pn].double().pow(2).sum()
             total = float(ref_n.sum())
             for l, (n_l, c_l) in enumerate(layers):
-                if abs(float(n_l[u]) - ref_n[l]) > 1e-3 * max(float(n_l[u]), float(ref_n[l])) + 1e-5 * total:
+                if abs(float(n_l[u]) - ref_n[l]) > 1e-3 * max(float(n_l[u]), float(ref_n[l])) + 1e-5 * total + floor:
                     wrong.add(self.covered[l][0])
                 bound = float((ref_n[l] * g_sq[l]).sqrt())  # |<g, G>| <= ||g|| ||G||
-                if c_l is not None and abs(float(c_l[u]) - ref_c[l]) > 1e-3 * bound + 1e-5 * (total * float(g_sq.sum())) ** 0.5:
+                if c_l is not None and abs(float(c_l[u]) - ref_c[l]) > 1e-3 * bound + 1e-5 * (total * float(g_sq.sum())) ** 0.5 + floor:
                     wrong.add(self.covered[l][0])
         return [name for name, _ in self.covered if name in wrong]
 

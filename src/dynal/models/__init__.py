@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from functools import partial
@@ -38,7 +39,7 @@ def check_params(name: str, params: dict[str, Any]) -> None:
         w = params["width"]
         if name == "cnn" and not _positive_int(w):
             raise ValueError(f"the cnn's width is its first layer's channel count, a positive integer; got {w!r}")
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not w > 0:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 < w < math.inf:
             raise ValueError(f"width must be a positive number, got {w!r}")
     if "hidden" in params:
         h = params["hidden"]

@@ -20,7 +20,7 @@ def mutual_information(mc_probs: np.ndarray) -> np.ndarray:
     """
     total = entr(mc_probs.mean(axis=1)).sum(axis=1)
     mi = total - entr(mc_probs).sum(axis=2).mean(axis=1)
-    return np.where(mi > 1e-12 * total, mi, 0.0)
+    return np.where(mi <= 1e-12 * total, 0.0, mi)  # a NaN stays NaN, for the top-b to refuse
 
 
 class BALD(ScoreStrategy):
