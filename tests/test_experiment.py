@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dynal import ExperimentConfig, run_experiment
-from dynal.report import aubc, load_records, plot, summarize, table
+from dynal.report import aubc, load_records, planned_rounds, plot, summarize, table
 
 TIMINGS = {"train_seconds", "query_seconds", "query_peak_memory"}
 
@@ -167,3 +167,18 @@ def test_report_from_records(tmp_path):
     partial = [r for r in records if r["round"] == 0 and r["seed"] == 0]
     assert "random seed 0" not in table(partial) and "no run has finished yet" in table(partial, rounds=1)
     assert summarize(partial, rounds=1) == {}
+    assert "random seed 0" in table(records, rounds=0)  # longer than planned: not of this plan either
+    # the planned rounds come from a run directory's config.json, never from a stray one
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in partial))
+    (run / "config.json").write_text(json.dumps({"rounds": 1}))
+    (run / "copy.jsonl").write_text((run / "results.jsonl").read_text())
+    assert planned_rounds(run) == planned_rounds(run / "results.jsonl") == 1
+    assert planned_rounds(run / "copy.jsonl") is None
+    (run / "config.json").write_text(json.dumps({"rounds": True}))
+    with pytest.raises(ValueError, match="plans True rounds"):
+        planned_rounds(run)
+    (run / "results.jsonl").write_text('{"strategy": "random", "seed": 0, "round": 0}\n')
+    with pytest.raises(ValueError, match=r"line 1, is not a round record: it lacks \['n_labeled', 'test_accuracy'\]"):
+        load_records(run)

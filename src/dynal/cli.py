@@ -26,7 +26,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, OSError) as err:
-        if os.environ.get("DYNAL_DEBUG"):
+        if os.environ.get("DYNAL_DEBUG") == "1":
             raise
         typer.echo(f"error: {err} (DYNAL_DEBUG=1 shows the traceback)", err=True)
         raise typer.Exit(1) from None

@@ -22,6 +22,7 @@ from dynal.training import TrainConfig
 from dynal.validation import check_field_types
 
 RESULTS = "results.jsonl"
+_RECORD_KEYS = ("strategy", "seed", "round", "n_labeled", "test_accuracy")  # what reports read
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,15 @@ def read_results(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # after the last newline: a record whose write was cut short
                 break
             raise ValueError(f"{path}, line {i + 1}, is not a JSON record: {line[:80]!r}") from None
+        missing = [k for k in _RECORD_KEYS if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise ValueError(f"{path}, line {i + 1}, is not a round record: it lacks {missing}")
+        records.append(record)
     return records
 
 

@@ -45,24 +45,30 @@ def aubc(n_labeled: np.ndarray, accuracy: np.ndarray) -> float:
 
 
 def planned_rounds(run: str | Path) -> int | None:
-    """The query rounds a run directory's ``config.json`` plans (``None`` without one)."""
+    """The query rounds a run directory's ``config.json`` plans; ``None`` for a results file
+    outside a run directory (any name but ``results.jsonl``) or a directory without one."""
     path = Path(run)
+    if not path.is_dir() and path.name != RESULTS:
+        return None
     config = (path if path.is_dir() else path.parent) / "config.json"
     if not config.exists():
         return None
     try:
-        return int(json.loads(config.read_text())["rounds"])
+        rounds = json.loads(config.read_text())["rounds"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{config} is unreadable") from None
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"{config} plans {rounds!r} rounds, not a count")
+    return rounds
 
 
 def incomplete_runs(records: list[dict], rounds: int | None = None) -> list[tuple[str, int, int]]:
-    """``(strategy, seed, records logged)`` of the runs with fewer than ``rounds + 1`` records
-    (or, when ``rounds`` is not known, fewer than the longest run): interrupted, or still
-    running. Summaries leave them out, so that every curve and AUBC covers the same label counts."""
+    """``(strategy, seed, records logged)`` of the runs without ``rounds + 1`` records (or, when
+    ``rounds`` is not known, shorter than the longest run): interrupted, still running, or not of
+    this plan. Summaries leave them out, so that every curve and AUBC covers the same label counts."""
     by = curves(records)
     full = rounds + 1 if rounds is not None else max((len(c) for s in by.values() for c in s.values()), default=0)
-    return sorted((name, seed, len(c)) for name, s in by.items() for seed, c in s.items() if len(c) < full)
+    return sorted((name, seed, len(c)) for name, s in by.items() for seed, c in s.items() if len(c) != full)
 
 
 def summarize(records: list[dict], rounds: int | None = None) -> dict[str, dict]:
@@ -138,7 +144,8 @@ def plot(records: list[dict], path: str | Path, title: str = "", rounds: int | N
     ax.set_ylabel("test accuracy")
     ax.set_title(title or "learning curves (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

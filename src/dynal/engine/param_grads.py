@@ -435,7 +435,7 @@ class ParamGradStats:
         largest ``||r||``."""
         if not self.covered:
             return []
-        floor = 1e6 * torch.finfo(r.dtype).tiny
+        floor = min(1e6 * torch.finfo(r.dtype).tiny, 1e-30)
         picks = torch.topk(r.double().norm(dim=1), min(2, len(x))).indices
         names = [(l, pn) for l, (_, m) in enumerate(self.covered) for pn, _ in m.named_parameters(recurse=False)]
         params = [self.covered[l][1].get_parameter(pn) for l, pn in names]
