@@ -125,7 +125,7 @@ def table(records: list[dict], rounds: int | None = None) -> str:
     lines.append(f"(test accuracy, mean ± std over {len(seeds)} seeds; AUBC normalized to [0, 1])")
     partial = incomplete_runs(records, rounds)
     if partial:
-        lines.append("(left out, not finished: " + ", ".join(f"{name} seed {seed}, {done} rounds logged" for name, seed, done in partial) + ")")
+        lines.append("(left out, unfinished or of another plan: " + ", ".join(f"{name} seed {seed}, {done} rounds logged" for name, seed, done in partial) + ")")
     return "\n".join(lines)
 
 
