@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from dynal.data import load_dataset
 from dynal.loop import ActiveLearner, check_model
 from dynal.models import model_factory
 from dynal.strategies import make_strategy
-from dynal.training import TrainConfig
+from dynal.training import TrainConfig, build_model
 from dynal.validation import check_field_types
 
 RESULTS = "results.jsonl"
@@ -214,8 +213,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool
         raise ValueError(f"initial + rounds x budget = {needed} exceeds the pool of {len(data.train)}")
     model_params = {k: v for k, v in config.model.items() if k != "name"}
     factory = model_factory(config.model["name"], data.input_shape, data.n_classes, **model_params)
-    with torch.random.fork_rng(devices=[]):  # torch's global generator is not ours to move
-        model = factory()
+    model = build_model(factory, np.random.default_rng(0))  # a trial model; torch's generator is left alone
     for spec in config.strategies:
         check_model(model, data.n_classes, make_strategy(spec.name, **spec.params))
 

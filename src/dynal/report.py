@@ -71,6 +71,10 @@ def incomplete_runs(records: list[dict], rounds: int | None = None) -> list[tupl
     return sorted((name, seed, len(c)) for name, s in by.items() for seed, c in s.items() if len(c) != full)
 
 
+def _runs_logged(runs: list[tuple[str, int, int]]) -> str:
+    return ", ".join(f"{name} seed {seed}, {done} rounds logged" for name, seed, done in runs)
+
+
 def summarize(records: list[dict], rounds: int | None = None) -> dict[str, dict]:
     """Per strategy: label counts, mean and std accuracy per round, and AUBC mean/std/per seed,
     over the complete runs (see :func:`incomplete_runs`); strategies without one are left out."""
@@ -101,7 +105,7 @@ def table(records: list[dict], rounds: int | None = None) -> str:
     paired AUBC difference against ``random`` when it was run."""
     s = summarize(records, rounds)
     if not s:
-        return "no run has finished yet (" + ", ".join(f"{n} seed {seed}, {k} rounds logged" for n, seed, k in incomplete_runs(records, rounds)) + ")"
+        return f"no run has finished yet ({_runs_logged(incomplete_runs(records, rounds))})"
     names = sorted(s)
     n_rows = max(len(v["n_labeled"]) for v in s.values())
     ref = next(iter(s.values()))["n_labeled"]
@@ -125,7 +129,7 @@ def table(records: list[dict], rounds: int | None = None) -> str:
     lines.append(f"(test accuracy, mean ± std over {len(seeds)} seeds; AUBC normalized to [0, 1])")
     partial = incomplete_runs(records, rounds)
     if partial:
-        lines.append("(left out, unfinished or of another plan: " + ", ".join(f"{name} seed {seed}, {done} rounds logged" for name, seed, done in partial) + ")")
+        lines.append(f"(left out, unfinished or of another plan: {_runs_logged(partial)})")
     return "\n".join(lines)
 
 

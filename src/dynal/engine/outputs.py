@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dynal.engine.param_grads import ParamGradStats, param_grad_sum, residuals
+from dynal.engine.param_grads import ParamGradStats, check_pseudo_label, param_grad_sum, residuals
 
 
 @dataclass
@@ -97,10 +97,7 @@ def _last_layer_grad(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
 
 
 def _pseudo_label(ctx: Context, output: str) -> str:
-    mode = ctx.options.get(output, {}).get("pseudo_label", "argmax")
-    if mode not in ("argmax", "expected"):
-        raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {mode!r}")
-    return mode
+    return check_pseudo_label(ctx.options.get(output, {}).get("pseudo_label", "argmax"))
 
 
 def _head_and_cross(chunk: Chunk, ctx: Context, bias: float) -> tuple[np.ndarray, np.ndarray | None]:

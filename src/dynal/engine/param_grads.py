@@ -131,6 +131,13 @@ def param_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: i
     return {"G_S": {n: g.to(params[n].dtype) for n, g in total.items()}}
 
 
+def check_pseudo_label(mode: str) -> str:
+    """``mode`` if it names a pseudo-label rule (``"argmax"`` or ``"expected"``), else a clear error."""
+    if mode not in ("argmax", "expected"):
+        raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {mode!r}")
+    return mode
+
+
 def residuals(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``r = p - onehot(label)``, the cross-entropy gradient with respect to the logits, with
     ``r_y = -sum_{k != y} p_k`` so that no digits cancel when ``p_y`` is close to 1."""
@@ -370,8 +377,7 @@ class ParamGradStats:
         -------
         norm_sq, cross : (N,) float64 tensors (``cross`` is zeros when ``G`` is None)
         """
-        if pseudo_label not in ("argmax", "expected"):
-            raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {pseudo_label!r}")
+        check_pseudo_label(pseudo_label)
         with eval_mode(self.model):
             if self.sub_batch is not None and len(x) > self.sub_batch:
                 parts = [self._batch(xs, pseudo_label) for xs in x.split(self.sub_batch)]
@@ -439,17 +445,19 @@ class ParamGradStats:
         picks = torch.topk(r.double().norm(dim=1), min(2, len(x))).indices
         names = [(l, pn) for l, (_, m) in enumerate(self.covered) for pn, _ in m.named_parameters(recurse=False)]
         params = [self.covered[l][1].get_parameter(pn) for l, pn in names]
+        g_sq = torch.zeros(len(self.covered), dtype=torch.float64)  # ||G||^2 per layer
+        if self.G_layers is not None:
+            for l, pn in names:
+                g_sq[l] += self.G_layers[l][pn].double().pow(2).sum()
         wrong = set()
         for u in picks.tolist():  # one sample's gradient at a time: memory of one model gradient
             grads = _single_sample_grads(self.model, x[u : u + 1], r[u : u + 1], params)[0]
             ref_n = torch.zeros(len(self.covered), dtype=torch.float64)
             ref_c = torch.zeros(len(self.covered), dtype=torch.float64)
-            g_sq = torch.zeros(len(self.covered), dtype=torch.float64)  # ||G||^2 per layer
             for (l, pn), g in zip(names, grads):
                 ref_n[l] += g.double().pow(2).sum()
                 if self.G_layers is not None:
                     ref_c[l] += (g.double() * self.G_layers[l][pn].double()).sum()
-                    g_sq[l] += self.G_layers[l][pn].double().pow(2).sum()
             total = float(ref_n.sum())
             for l, (n_l, c_l) in enumerate(layers):
                 if abs(float(n_l[u]) - ref_n[l]) > 1e-3 * max(float(n_l[u]), float(ref_n[l])) + 1e-5 * total + floor:

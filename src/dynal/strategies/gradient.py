@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dynal.engine.param_grads import check_pseudo_label
 from dynal.engine.topk import draw_salt, tie_keys
 from dynal.objective import greedy, marginal_gains, set_value, top_b
 from dynal.strategies.base import Chunks, ScoreStrategy, Strategy
@@ -44,8 +45,7 @@ class DynamicAL(ScoreStrategy):
     def __init__(self, params: str = "last", train_term: float = 2.0, pseudo_label: str = "argmax") -> None:
         if params not in ("last", "all"):
             raise ValueError(f"params must be 'last' or 'all', got {params!r}")
-        if pseudo_label not in ("argmax", "expected"):
-            raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got {pseudo_label!r}")
+        check_pseudo_label(pseudo_label)
         if isinstance(train_term, bool) or not isinstance(train_term, numbers.Real) or not np.isfinite(train_term) or train_term < 0:
             raise ValueError(f"train_term must be a finite number >= 0, got {train_term}")
         self.params = params
