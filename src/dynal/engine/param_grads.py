@@ -358,6 +358,7 @@ def _folded(pairs: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> Iterator[None]
     """Run each (convolution, eval-mode BatchNorm) pair as one convolution with folded weights
     ``s W`` and bias ``s (b - mu) + beta``: the convolution's ``forward`` is replaced and the
     BatchNorm's made the identity, for the duration of the block (hooks still run)."""
+    patched: list[nn.Module] = []
     try:
         for conv, bn in pairs:
             _, s = _fold_scale(bn)
@@ -366,12 +367,13 @@ def _folded(pairs: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> Iterator[None]
             if conv.bias is not None:
                 bias = bias + conv.bias * s
             conv.forward = partial(F.conv2d, weight=weight, bias=bias.detach(), stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+            patched.append(conv)
             bn.forward = _identity
+            patched.append(bn)
         yield
     finally:
-        for conv, bn in pairs:
-            vars(conv).pop("forward", None)
-            vars(bn).pop("forward", None)
+        for m in patched:
+            del m.forward
 
 
 def _fold_candidates(model: nn.Module) -> list[tuple[str, str]]:
