@@ -19,13 +19,6 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
   with ``xhat`` normalized by the running statistics; exact per sample (the official code's
   chunk-mean shortcut is not used).
 
-Where an eval-mode ``BatchNorm2d`` reads a convolution's output and nothing else does (found by
-tracing the model with ``torch.fx``), and the convolution's per-sample gradients are built
-explicitly (early layers, many positions), the pass runs the pair as one convolution with
-folded weights, which spares the BatchNorm's forward and backward work; both layers'
-statistics then come from the folded convolution's per-sample gradient (see
-:func:`_folded_stats`).
-
 Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), or to a
 loop over single samples where torch.func cannot run the model, with a warning naming the
 layer; so do covered layers that turn out, while the model runs, not to follow their formula
@@ -38,7 +31,6 @@ import warnings
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 
 import numpy as np
 import torch
@@ -238,50 +230,22 @@ def _patch_gram(m: nn.Conv2d, a: torch.Tensor, out_size: Sequence[int], unfold: 
     return total.view(n, ho * wo, ho * wo)
 
 
-def _gram_form(m: nn.Conv2d, positions: int) -> bool:
-    """Whether a convolution with ``positions`` output positions takes the Gram form: where
-    ``L (C_out + C_in k^2) < C_out C_in k^2``, the cheaper side of the two costs."""
-    patch = m.weight[0].numel()  # C_in * kernel area
-    return positions * (m.out_channels + patch) < m.out_channels * patch
-
-
-def _weight_grads(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Per-sample weight gradients ``D_u U_u^T`` of a convolution, in blocks of samples
-    (k x C_out x C_in k^2): one grouped weight-gradient convolution, one group per sample, or
-    one batched product with the unfolded input where that is no larger than the layer's input
-    and output (a stem with few channels, a strided 1x1 shortcut)."""
-    n, c_out = d.shape[:2]
-    patch = m.weight[0].numel()
-    # measured on ResNet-18's stem: the batched product takes 0.6x the grouped convolution
-    unfold = patch * d.shape[2] * d.shape[3] <= a[0].numel() + d[0].numel()
-    step = max(1, _BLOCK_ELEMENTS // (c_out * patch + (patch * d.shape[2] * d.shape[3] if unfold else 0)))
-    for i in range(0, n, step):
-        k = len(a[i : i + step])
-        if unfold:
-            u = F.unfold(a[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride)
-            yield torch.bmm(d[i : i + step].flatten(2), u.transpose(1, 2))
-        else:
-            yield torch.ops.aten.convolution_backward(
-                d[i : i + step].reshape(1, k * c_out, *d.shape[2:]),
-                a[i : i + step].reshape(1, -1, *a.shape[2:]),
-                m.weight.new_empty((k * c_out, *m.weight.shape[1:])),  # only its shape is read
-                None, m.stride, m.padding, m.dilation, False, [0, 0], k, [False, True, False],
-            )[1].view(k, c_out, patch)
-
-
 def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample statistics of a convolution.
 
     The per-sample weight gradient is ``D_u U_u^T`` (output gradient times unfolded input,
-    C_out x L times L x C_in k^2). Early layers (many positions L) build it explicitly
-    (:func:`_weight_grads`); late layers (:func:`_gram_form`) use
-    ``||D U^T||^2 = sum((D^T D) * (U^T U))`` and never build it.
+    C_out x L times L x C_in k^2). Early layers (many positions L) build it as one grouped
+    weight-gradient convolution, one group per sample, or as one batched product with the
+    unfolded input where that is no larger than the layer's input and output (a stem with few
+    channels, a strided 1x1 shortcut). Late layers (L (C_out + C_in k^2) < C_out C_in k^2, the
+    cheaper side of the two costs) use the Gram form ``||D U^T||^2 = sum((D^T D) * (U^T U))``
+    and never build it.
     """
-    n = len(d)
+    n, c_out = d.shape[:2]
     positions = d.shape[2] * d.shape[3]
+    patch = m.weight[0].numel()  # C_in * kernel area
     norms, crosses = [], []
-    if _gram_form(m, positions):
-        patch = m.weight[0].numel()
+    if positions * (c_out + patch) < c_out * patch:
         padded = (a.shape[2] + 2 * m.padding[0]) * (a.shape[3] + 2 * m.padding[1])
         step = max(1, _BLOCK_ELEMENTS // (positions * (positions + patch) + padded * padded))
         for i in range(0, n, step):
@@ -291,9 +255,22 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
             out = F.conv2d(a, G["weight"], None, m.stride, m.padding, m.dilation)
             crosses.append((out * d).sum((1, 2, 3)))
     else:
+        # measured on ResNet-18's stem: the batched product takes 0.6x the grouped convolution
+        unfold = patch * positions <= a[0].numel() + d[0].numel()
+        step = max(1, _BLOCK_ELEMENTS // (c_out * patch + (patch * positions if unfold else 0)))
         Gw = G["weight"].flatten() if G is not None else None
-        for gw in _weight_grads(m, a, d):
-            gw = gw.flatten(1)
+        for i in range(0, n, step):
+            k = len(a[i : i + step])
+            if unfold:
+                u = F.unfold(a[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride)
+                gw = torch.bmm(d[i : i + step].flatten(2), u.transpose(1, 2)).view(k, -1)
+            else:
+                gw = torch.ops.aten.convolution_backward(
+                    d[i : i + step].reshape(1, k * c_out, *d.shape[2:]),
+                    a[i : i + step].reshape(1, -1, *a.shape[2:]),
+                    m.weight.new_empty((k * c_out, *m.weight.shape[1:])),  # only its shape is read
+                    None, m.stride, m.padding, m.dilation, False, [0, 0], k, [False, True, False],
+                )[1].view(k, -1)
             norms.append(torch.linalg.vector_norm(gw, dim=1).square())
             if Gw is not None:
                 crosses.append(gw @ Gw)
@@ -305,99 +282,6 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
         if G is not None:
             cross = cross + db @ G["bias"]
     return norm, cross
-
-
-def _fold_scale(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``1 / sigma`` and ``s = gamma / sigma`` of an eval-mode BatchNorm."""
-    inv_std = torch.rsqrt(bn.running_var + bn.eps)
-    return inv_std, bn.weight * inv_std
-
-
-def _folded_stats(
-    conv: nn.Conv2d, bn: nn.BatchNorm2d, a: torch.Tensor, d: torch.Tensor, G_conv: dict[str, torch.Tensor] | None, G_bn: dict[str, torch.Tensor] | None
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Per-sample statistics of a convolution and of the eval-mode BatchNorm folded into it.
-
-    The folded layer computes ``y = s (z - mu) + beta`` with ``z = W * a + b`` and
-    ``s = gamma / sigma``; ``d`` is ``dL/dy``. From the per-sample gradient ``g'`` of the folded
-    weight (``D U^T``): ``g_W = s g'`` per output channel, ``g_b = s sum_p d``,
-    ``g_beta = sum_p d`` and ``g_gamma = (sum_p d z - mu g_beta) / sigma``, where
-    ``sum_p d_c z_c = <g'_c, W_c> + b_c g_beta_c``. Returns the convolution's and the
-    BatchNorm's ``(norm, cross)``.
-    """
-    inv_std, s = _fold_scale(bn)
-    g_beta = d.sum((2, 3))
-    W = conv.weight.flatten(1)
-    Gs = (G_conv["weight"].flatten(1) * s[:, None]).flatten() if G_conv is not None else None
-    norms, dz, crosses = [], [], []
-    for gw in _weight_grads(conv, a, d):
-        norms.append(torch.linalg.vector_norm(gw, dim=2).square() @ s.square())
-        dz.append((gw * W).sum(2))
-        if Gs is not None:
-            crosses.append(gw.flatten(1) @ Gs)
-    norm, dz = torch.cat(norms), torch.cat(dz)
-    cross = torch.cat(crosses) if Gs is not None else None
-    if conv.bias is not None:
-        dz = dz + g_beta * conv.bias
-        g_b = g_beta * s
-        norm = norm + g_b.pow(2).sum(1)
-        if Gs is not None:
-            cross = cross + g_b @ G_conv["bias"]
-    g_gamma = (dz - bn.running_mean * g_beta) * inv_std
-    bn_norm = g_gamma.pow(2).sum(1) + g_beta.pow(2).sum(1)
-    bn_cross = g_gamma @ G_bn["weight"] + g_beta @ G_bn["bias"] if G_bn is not None else None
-    return (norm, cross), (bn_norm, bn_cross)
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-@contextmanager
-def _folded(pairs: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> Iterator[None]:
-    """Run each (convolution, eval-mode BatchNorm) pair as one convolution with folded weights
-    ``s W`` and bias ``s (b - mu) + beta``: the convolution's ``forward`` is replaced and the
-    BatchNorm's made the identity, for the duration of the block (hooks still run)."""
-    patched: list[nn.Module] = []
-    try:
-        for conv, bn in pairs:
-            _, s = _fold_scale(bn)
-            weight = (conv.weight * s[:, None, None, None]).detach().requires_grad_()  # a leaf
-            bias = bn.bias - bn.running_mean * s
-            if conv.bias is not None:
-                bias = bias + conv.bias * s
-            conv.forward = partial(F.conv2d, weight=weight, bias=bias.detach(), stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
-            patched.append(conv)
-            bn.forward = _identity
-            patched.append(bn)
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-
-
-def _fold_candidates(model: nn.Module) -> list[tuple[str, str]]:
-    """(convolution, BatchNorm) module names where the BatchNorm's input is the convolution's
-    output and nothing else reads that output, each called once, from a ``torch.fx`` trace of
-    the model in eval mode; none where the model cannot be traced."""
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
-
-    try:
-        with eval_mode(model), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = Tracer().trace(model)
-    except Exception:  # the fold only saves time: a model the tracer cannot follow runs unfolded
-        return []
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    pairs = []
-    for node in graph.nodes:
-        src = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
-        if isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1 and calls[src.target] == calls[node.target] == 1:
-            pairs.append((src.target, node.target))
-    return pairs
 
 
 def _bn_stats(m: nn.BatchNorm2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,6 +300,20 @@ def _layer_stats(m: nn.Module, a: torch.Tensor, d: torch.Tensor, G: dict[str, to
     if isinstance(m, nn.Conv2d):
         return _conv_stats(m, a, d, G)
     return _bn_stats(m, a, d, G)
+
+
+@contextmanager
+def _own_tensors_kept(model: nn.Module) -> Iterator[None]:
+    """Give every module its own parameter and buffer objects back on exit: ``functional_call``
+    leaves a plain tensor in place of the ``Parameter`` of a module registered under two names
+    (torch 2.13), which would cut the model off from an optimizer that holds the parameter."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, params, buffers in saved:
+            m._parameters.update(params)
+            m._buffers.update(buffers)
 
 
 class ParamGradStats:
@@ -440,7 +338,6 @@ class ParamGradStats:
         self.clone_outputs = False
         self.checked = False  # the fast path was compared with the one-sample reference
         self.loop_fallback = False  # torch.func failed on this model: one sample at a time
-        self._fold_candidates = _fold_candidates(model) if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) else []
         self._plan(exclude=[])
         if not self.covered and not self.other:
             raise ValueError("the model has no trainable parameters")
@@ -463,38 +360,6 @@ class ParamGradStats:
         self.G_other = {n: G[n] for n in self.other} if G is not None else None
         conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, nn.Conv2d)]
         self.sub_batch = max(16, _CACHE_ELEMENTS // max(conv_sizes)) if conv_sizes else None
-        index = {name: i for i, (name, _) in enumerate(self.covered)}
-        self.fold_pairs = []  # (conv, BatchNorm) indices into covered that may run folded
-        for conv_name, bn_name in self._fold_candidates:
-            i, j = index.get(conv_name), index.get(bn_name)
-            if i is None or j is None:
-                continue
-            conv, bn = self.covered[i][1], self.covered[j][1]
-            hooked = any(getattr(m, h) for m in (conv, bn) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
-            own_forward = any("forward" in vars(m) for m in (conv, bn))  # set on the instance: left alone
-            if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and conv.out_channels == bn.num_features and not hooked and not own_forward:
-                self.fold_pairs.append((i, j))
-        self._folds_by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-
-    def _folds(self, x: torch.Tensor) -> list[tuple[int, int]]:
-        """The pairs that run folded for inputs shaped like ``x``: those whose convolution builds
-        per-sample gradients explicitly at that size (found with one sample, once per shape)."""
-        key = tuple(x.shape[1:])
-        if key not in self._folds_by_shape:
-            positions: dict[int, int] = {}
-            hooks = [
-                self.covered[i][1].register_forward_hook(lambda m, inp, out, i=i: positions.__setitem__(i, out.shape[2] * out.shape[3]))
-                for i, _ in self.fold_pairs
-            ]
-            try:
-                if self.fold_pairs and len(x):
-                    with torch.no_grad():
-                        self.model(x[:1])
-            finally:
-                for h in hooks:
-                    h.remove()
-            self._folds_by_shape[key] = [(i, j) for i, j in self.fold_pairs if i in positions and not _gram_form(self.covered[i][1], positions[i])]
-        return self._folds_by_shape[key]
 
     def _demote(self, reasons: dict[str, str]) -> None:
         """Move covered layers to the general path, saying why."""
@@ -505,8 +370,8 @@ class ParamGradStats:
             )
         self._plan([*self.excluded, *reasons])
 
-    def _forward(self, x: torch.Tensor, modules: list[nn.Module], clone: bool, folds: list[tuple[int, int]]) -> tuple[torch.Tensor, list[list]]:
-        with torch.enable_grad(), _folded([(modules[i], modules[j]) for i, j in folds]), _record_layers(modules, clone) as records:
+    def _forward(self, x: torch.Tensor, modules: list[nn.Module], clone: bool) -> tuple[torch.Tensor, list[list]]:
+        with torch.enable_grad(), _record_layers(modules, clone) as records:
             logits = self.model(x)
         return logits, records
 
@@ -540,8 +405,7 @@ class ParamGradStats:
         if n == 0:
             return norm, cross
         modules = [m for _, m in self.covered]
-        folds = self._folds(x)
-        logits, records = self._forward(x, modules, self.clone_outputs, folds)
+        logits, records = self._forward(x, modules, clone=self.clone_outputs)
         odd = {}
         for (name, _), rec in zip(self.covered, records):
             if len(rec) != 3:
@@ -553,7 +417,7 @@ class ParamGradStats:
             return self._batch(x, pseudo_label)
         if any(rec[1]._version != rec[2] for rec in records):
             self.clone_outputs = True  # an in-place op rewrote a layer output: redo with copies
-            logits, records = self._forward(x, modules, True, folds)
+            logits, records = self._forward(x, modules, clone=True)
         p = F.softmax(logits.detach().double(), dim=1)
         if pseudo_label == "argmax":
             labels, label_weights = [p.argmax(1)], [torch.ones(n, dtype=torch.float64)]
@@ -565,14 +429,8 @@ class ParamGradStats:
             r = residuals(p, lab).to(logits.dtype)
             last = j == len(labels) - 1
             deltas = torch.autograd.grad(logits, outs, grad_outputs=r, retain_graph=not last) if outs else []
-            G_layers = self.G_layers if self.G_layers is not None else [None] * len(modules)
-            layers: list = [None] * len(modules)
             with torch.no_grad():
-                for i, j in folds:
-                    layers[i], layers[j] = _folded_stats(modules[i], modules[j], records[i][0], deltas[i], G_layers[i], G_layers[j])
-                for i, (m, rec, d) in enumerate(zip(modules, records, deltas)):
-                    if layers[i] is None:
-                        layers[i] = _layer_stats(m, rec[0], d, G_layers[i])
+                layers = [_layer_stats(m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None) for i, (m, rec, d) in enumerate(zip(modules, records, deltas))]
                 if layers:  # summed in float64, in one reduction per statistic
                     norm += w * torch.stack([l[0] for l in layers]).sum(0, dtype=torch.float64)
                     if self.G_layers is not None:
@@ -638,7 +496,8 @@ class ParamGradStats:
                 return (out[0] * ri).sum()
 
             try:
-                g = vmap(grad(surrogate), in_dims=(None, 0, 0))(free, x, r)
+                with _own_tensors_kept(self.model):
+                    g = vmap(grad(surrogate), in_dims=(None, 0, 0))(free, x, r)
             except RuntimeError as err:
                 self.loop_fallback = True
                 reason = (str(err).strip().splitlines() or ["an error"])[0]
