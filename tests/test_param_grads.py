@@ -390,3 +390,20 @@ def test_a_module_registered_under_two_names_keeps_its_parameters():
     assert "act (Linear)" in message and "act" not in dict(stats.covered)
     after = {(name, n): p for name, m in model.named_modules() for n, p in m._parameters.items()}
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_statistics_are_the_same_under_no_grad_and_inference_mode(mode):
+    torch.manual_seed(12)
+    model = _with_running_stats(SmallCNN((1, 6, 6), 3, width=4, hidden=8), (1, 6, 6))
+    X_lab, y_lab = np.random.default_rng(1).normal(size=(5, 1, 6, 6)).astype(np.float32), np.array([0, 1, 2, 1, 0])
+    X_pool = torch.randn(7, 1, 6, 6)
+    G = param_grad_sum(model, X_lab, y_lab, 2)["G_S"]
+    expected = ParamGradStats(model, G)(X_pool)
+    with mode():
+        G_inside = param_grad_sum(model, X_lab, y_lab, 2)["G_S"]
+        got = ParamGradStats(model, G_inside)(X_pool.clone())  # an inference tensor under inference_mode
+    for n in G:
+        torch.testing.assert_close(G_inside[n], G[n], rtol=0, atol=0)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

@@ -114,21 +114,23 @@ def param_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: i
     """``G_S``: the labeled set's summed true-label loss gradient over all trainable parameters.
 
     Computed in eval mode in mini-batches with sum reduction (the same vector as a loop over
-    single samples). Returned as ``{"G_S": {parameter name: tensor}}``.
+    single samples), also under ``torch.no_grad`` or ``torch.inference_mode``. Returned as
+    ``{"G_S": {parameter name: tensor}}``.
     """
     check_per_sample(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    for i in range(0, len(X), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))
-        t = torch.from_numpy(np.asarray(y[i : i + batch_size], dtype=np.int64))
-        with torch.enable_grad(), eval_mode(model):
-            loss = F.cross_entropy(model(x), t, reduction="sum")
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for n, g in zip(params, grads):
-            if g is not None:  # None: a parameter the forward pass does not use
-                total[n] += g.double()
-    return {"G_S": {n: g.to(params[n].dtype) for n, g in total.items()}}
+    with torch.inference_mode(False):
+        total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+        for i in range(0, len(X), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))
+            t = torch.from_numpy(np.asarray(y[i : i + batch_size], dtype=np.int64))
+            with torch.enable_grad(), eval_mode(model):
+                loss = F.cross_entropy(model(x), t, reduction="sum")
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for n, g in zip(params, grads):
+                if g is not None:  # None: a parameter the forward pass does not use
+                    total[n] += g.double()
+        return {"G_S": {n: g.to(params[n].dtype) for n, g in total.items()}}
 
 
 def check_pseudo_label(mode: str) -> str:
@@ -386,13 +388,16 @@ class ParamGradStats:
         With ``pseudo_label="argmax"`` the gradient is taken at the model's predicted class;
         with ``"expected"`` both statistics are averaged over ``y ~ p`` (K backward passes).
         Convolutional models are processed in sub-batches that keep per-sample gradients in cache.
+        Autograd runs also under ``torch.no_grad`` or ``torch.inference_mode``.
 
         Returns
         -------
         norm_sq, cross : (N,) float64 tensors (``cross`` is zeros when ``G`` is None)
         """
         check_pseudo_label(pseudo_label)
-        with eval_mode(self.model):
+        with torch.inference_mode(False), eval_mode(self.model):
+            if x.is_inference():  # made under inference_mode: autograd cannot save it
+                x = x.clone()
             if self.sub_batch is not None and len(x) > self.sub_batch:
                 parts = [self._batch(xs, pseudo_label) for xs in x.split(self.sub_batch)]
                 return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
