@@ -437,9 +437,9 @@ class ParamGradStats:
             with torch.no_grad():
                 layers = [_layer_stats(m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None) for i, (m, rec, d) in enumerate(zip(modules, records, deltas))]
                 if layers:  # summed in float64, in one reduction per statistic
-                    norm += w * torch.stack([l[0] for l in layers]).sum(0, dtype=torch.float64)
+                    norm += w * torch.stack([n_l for n_l, _ in layers]).sum(0, dtype=torch.float64)
                     if self.G_layers is not None:
-                        cross += w * torch.stack([l[1] for l in layers]).sum(0, dtype=torch.float64)
+                        cross += w * torch.stack([c_l for _, c_l in layers]).sum(0, dtype=torch.float64)
             if not self.checked:
                 self.checked = True
                 wrong = self._disagreeing(x, r, layers)
