@@ -407,3 +407,115 @@ def test_statistics_are_the_same_under_no_grad_and_inference_mode(mode):
         torch.testing.assert_close(G_inside[n], G[n], rtol=0, atol=0)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+class DeadEnds(nn.Module):
+    """A covered layer that runs once but whose output gives the logits no gradient."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.aux = nn.Linear(6, 2) if kind != "frozen encoder" else None
+
+    def forward(self, x):
+        if self.kind == "frozen encoder":  # a linear probe: the encoder runs under no_grad
+            with torch.no_grad():
+                h = torch.tanh(self.fc(x))
+            return self.head(h)
+        h = torch.tanh(self.fc(x))
+        side = self.aux(h)  # an auxiliary output that is computed and dropped, or detached
+        out = self.head(h)
+        return out + side.detach().sum(1, keepdim=True) if self.kind == "detached branch" else out
+
+
+@pytest.mark.parametrize("kind", ["frozen encoder", "unused output", "detached branch"])
+def test_layer_outputs_without_a_gradient_give_zero_statistics(kind):
+    torch.manual_seed(13)
+    X_lab, y_lab, X_pool = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(5, 4)
+    stats, message = _check_against_reference(DeadEnds(kind), X_lab, y_lab, X_pool)
+    assert not message and len(stats.covered) == len(list(stats.model.children()))
+
+
+def test_the_first_batch_check_waits_for_a_batch_with_gradients():
+    class Leaky(nn.Module):  # a's weight is also used outside its layer
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.a(x))) + x @ self.a.weight[:3].T
+
+    torch.manual_seed(5)
+    model = Leaky().eval()
+    sure = torch.zeros(4, 6)
+    sure[:, 0] = 400.0  # logit gaps over 100: r is exactly zero in float32
+    X_lab, y_lab, X_pool = torch.randn(6, 6), torch.randint(0, 3, (6,)), torch.randn(6, 6)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    stats = ParamGradStats(model, G)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        norm, _ = stats(sure)
+    assert not norm.any() and not stats.checked  # nothing could be compared on that batch
+    with pytest.warns(UserWarning, match=r"layer a \(Linear\)"):
+        norm, cross = stats(X_pool)
+    assert stats.checked and "a" not in dict(stats.covered)
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
+    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+
+
+def test_a_layer_called_with_a_keyword_input_keeps_the_fast_path():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.conv, self.head = nn.Linear(4, 8), nn.Conv2d(2, 2, 2), nn.Linear(2, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.fc(input=x)).view(-1, 2, 2, 2)
+            return self.head(torch.tanh(self.conv(input=h)).flatten(1))
+
+    torch.manual_seed(14)
+    X_lab, y_lab, X_pool = torch.randn(5, 4), torch.randint(0, 3, (5,)), torch.randn(6, 4)
+    stats, message = _check_against_reference(Keyword(), X_lab, y_lab, X_pool)
+    assert not message and len(stats.covered) == 3
+
+
+def test_parameter_gradient_hooks_are_refused_with_a_clear_error():
+    torch.manual_seed(15)
+    model = MLP((4,), 3, hidden=[5]).eval()
+    X, y = np.random.default_rng(2).normal(size=(4, 4)).astype(np.float32), np.array([0, 1, 2, 1])
+    handle = model.head.weight.register_hook(lambda g: 2 * g)
+    for call in (lambda: ParamGradStats(model, None), lambda: param_grad_sum(model, X, y, 2)):
+        with pytest.raises(ValueError, match=r"head\.weight have gradient hooks"):
+            call()
+    handle.remove()
+    G = param_grad_sum(model, X, y, 2)["G_S"]
+    norm, cross = ParamGradStats(model, G)(torch.from_numpy(X))
+    ref_norm, ref_cross = _reference(model, torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(X))
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
+
+
+def test_sequence_linear_statistics_are_built_in_blocks(monkeypatch):
+    monkeypatch.setattr("dynal.engine.param_grads._BLOCK_ELEMENTS", 40)  # 1 sample per block of `mix`
+    torch.manual_seed(16)
+    X_lab, y_lab, X_pool = torch.randn(5, 7, 3), torch.randint(0, 4, (5,)), torch.randn(6, 7, 3)
+    stats, message = _check_against_reference(TokenNet(), X_lab, y_lab, X_pool, n_classes=4)
+    assert not message and len(stats.covered) == 3
+
+
+def test_bfloat16_models_keep_the_fast_path():
+    torch.manual_seed(17)
+    model = _with_running_stats(SmallCNN((1, 6, 6), 3, width=4, hidden=8), (1, 6, 6))
+    X_pool = torch.randn(6, 1, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer is demoted for bfloat16's rounding
+        stats = ParamGradStats(model.bfloat16(), None)
+        norm, _ = stats(X_pool.bfloat16())
+    assert stats.checked and not stats.other
+    x = X_pool.bfloat16().double()
+    with torch.no_grad():
+        labels = model(X_pool.bfloat16()).argmax(1)
+    model.double()  # the same weights, which bfloat16 holds exactly
+    ref_norm = [float(_flat_grad(model, xi, int(k)).square().sum()) for xi, k in zip(x, labels)]
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=5e-2)

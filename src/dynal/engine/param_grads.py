@@ -76,8 +76,17 @@ def _covered(module: nn.Module) -> bool:
 
 
 def check_per_sample(model: nn.Module) -> None:
-    """Raise when a sample's eval-mode output depends on the rest of its batch: BatchNorm without
-    running statistics normalizes with the batch's own, so no per-sample gradient exists."""
+    """Raise when a sample's eval-mode output depends on the rest of its batch (BatchNorm without
+    running statistics normalizes with the batch's own, so no per-sample gradient exists), or
+    when a trainable parameter has a gradient hook (``Tensor.register_hook``), which would
+    change the labeled set's summed gradient but has no per-sample meaning."""
+    hooked = [n for n, p in model.named_parameters() if p.requires_grad and p._backward_hooks]
+    if hooked:
+        raise ValueError(
+            f"params='all' takes per-sample loss gradients, but the parameter(s) {', '.join(hooked)} have gradient "
+            "hooks (Tensor.register_hook), which would change the labeled-set gradient G_S and not the per-sample "
+            "ones; remove the hooks (keep their handles) while dynamicAL scores the pool"
+        )
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
             raise ValueError(
@@ -172,13 +181,14 @@ def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[l
     records: list[list] = [[] for _ in modules]
 
     def hook(i: int):
-        def fn(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
-            records[i] += [inputs[0].detach(), output, output._version]
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+            inp = args[0] if args else kwargs["input"]  # the covered layers' forward takes only ``input``
+            records[i] += [inp.detach(), output, output._version]
             return output.clone() if clone else None
 
         return fn
 
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     try:
         yield records
     finally:
@@ -189,9 +199,15 @@ def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[l
 def _linear_stats(m: nn.Linear, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     if a.dim() != 2:  # a sequence axis: per-sample gradient sums over positions
         a, d = a.flatten(1, -2), d.flatten(1, -2)
-        gw = torch.bmm(d.transpose(1, 2), a)
-        norm = gw.pow(2).sum((1, 2))
-        cross = (gw * G["weight"]).sum((1, 2)) if G is not None else None
+        step = max(1, _BLOCK_ELEMENTS // m.weight.numel())  # samples per per-sample gradient block
+        norms, crosses = [], []
+        for i in range(0, len(a), step):
+            gw = torch.bmm(d[i : i + step].transpose(1, 2), a[i : i + step])
+            norms.append(torch.linalg.vector_norm(gw, dim=(1, 2)).square())
+            if G is not None:
+                crosses.append(gw.flatten(1) @ G["weight"].flatten())
+        norm = torch.cat(norms)
+        cross = torch.cat(crosses) if G is not None else None
         db = d.sum(1)
     else:
         norm = a.pow(2).sum(1) * d.pow(2).sum(1)
@@ -296,6 +312,11 @@ def _bn_stats(m: nn.BatchNorm2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, 
     return norm, cross
 
 
+def _zero_stats(n: int, dtype: torch.dtype, cross: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The statistics of a layer whose output gets no gradient."""
+    return torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype) if cross else None
+
+
 def _layer_stats(m: nn.Module, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(m, nn.Linear):
         return _linear_stats(m, a, d, G)
@@ -321,9 +342,9 @@ def _own_tensors_kept(model: nn.Module) -> Iterator[None]:
 class ParamGradStats:
     """Per-sample ``||g_u||^2`` and ``<g_u, G>`` over a model's trainable parameters.
 
-    The first batch checks the fast path against the slow one: for its two samples with the
-    largest ``||r||``, each covered layer's two statistics are compared with a one-sample autograd
-    pass. A layer that disagrees (its weight also used outside its own forward, a hook that
+    The first batch with a nonzero gradient checks the fast path against the slow one: for its
+    two samples with the largest ``||r||``, each covered layer's two statistics are compared with
+    a one-sample autograd pass. A layer that disagrees (its weight also used outside its own forward, a hook that
     changes its output, a first axis that is not the sample axis) or that does not run exactly
     once per forward pass moves to the general path, with a warning naming it.
 
@@ -429,20 +450,29 @@ class ParamGradStats:
         else:
             labels = [torch.full((n,), k) for k in range(p.shape[1])]
             label_weights = [p[:, k] for k in range(p.shape[1])]
-        outs = [rec[1] for rec in records]
+        # a layer output that the logits do not depend on with a gradient (computed under
+        # no_grad, detached, or not used) gives that layer a zero per-sample gradient
+        live = [i for i, rec in enumerate(records) if rec[1].requires_grad] if logits.requires_grad else []
         for j, (lab, w) in enumerate(zip(labels, label_weights)):
             r = residuals(p, lab).to(logits.dtype)
             last = j == len(labels) - 1
-            deltas = torch.autograd.grad(logits, outs, grad_outputs=r, retain_graph=not last) if outs else []
+            deltas: list[torch.Tensor | None] = [None] * len(records)
+            if live:
+                grads = torch.autograd.grad(logits, [records[i][1] for i in live], grad_outputs=r, retain_graph=not last, allow_unused=True)
+                for i, d in zip(live, grads):
+                    deltas[i] = d
             with torch.no_grad():
-                layers = [_layer_stats(m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None) for i, (m, rec, d) in enumerate(zip(modules, records, deltas))]
+                layers = [
+                    _layer_stats(m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None) if d is not None else _zero_stats(n, logits.dtype, self.G_layers is not None)
+                    for i, (m, rec, d) in enumerate(zip(modules, records, deltas))
+                ]
                 if layers:  # summed in float64, in one reduction per statistic
                     norm += w * torch.stack([n_l for n_l, _ in layers]).sum(0, dtype=torch.float64)
                     if self.G_layers is not None:
                         cross += w * torch.stack([c_l for _, c_l in layers]).sum(0, dtype=torch.float64)
             if not self.checked:
-                self.checked = True
                 wrong = self._disagreeing(x, r, layers)
+                self.checked = wrong is not None  # None: all gradients zero here, check the next batch
                 if wrong:
                     self._demote(dict.fromkeys(wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, or its output changed by a hook?)"))
                     return self._batch(x, pseudo_label)
@@ -452,15 +482,21 @@ class ParamGradStats:
                 cross += w * c_o
         return norm, cross
 
-    def _disagreeing(self, x: torch.Tensor, r: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[str]:
+    def _disagreeing(self, x: torch.Tensor, r: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[str] | None:
         """Covered layers whose fast statistics differ from a one-sample autograd pass (by more
-        than 1e-3 relative to the layer's share, or 1e-5 of the sample's total, or what squares
+        than 1e-3 relative to the layer's share, or 1e-5 of the sample's total, both eight times
+        the dtype's rounding where that is larger, or what squares
         of values near the dtype's smallest normal number lose), on the two samples with the
-        largest ``||r||``."""
+        largest ``||r||``; ``None`` when both sides are zero there, so that nothing was compared
+        (a batch the model is so sure of that ``r`` underflows)."""
         if not self.covered:
             return []
         floor = min(1e6 * torch.finfo(r.dtype).tiny, 1e-30)
-        picks = torch.topk(r.double().norm(dim=1), min(2, len(x))).indices
+        rtol = max(1e-3, 8 * torch.finfo(r.dtype).eps)  # wider for bfloat16 and float16 models
+        size, picks = torch.topk(r.double().norm(dim=1), min(2, len(x)))
+        if not size.any():
+            return None
+        compared = False
         names = [(l, pn) for l, (_, m) in enumerate(self.covered) for pn, _ in m.named_parameters(recurse=False)]
         params = [self.covered[l][1].get_parameter(pn) for l, pn in names]
         g_sq = torch.zeros(len(self.covered), dtype=torch.float64)  # ||G||^2 per layer
@@ -477,13 +513,14 @@ class ParamGradStats:
                 if self.G_layers is not None:
                     ref_c[l] += (g.double() * self.G_layers[l][pn].double()).sum()
             total = float(ref_n.sum())
+            compared = compared or total > 0 or any(float(n_l[u]) > 0 for n_l, _ in layers)
             for l, (n_l, c_l) in enumerate(layers):
-                if abs(float(n_l[u]) - ref_n[l]) > 1e-3 * max(float(n_l[u]), float(ref_n[l])) + 1e-5 * total + floor:
+                if abs(float(n_l[u]) - ref_n[l]) > rtol * max(float(n_l[u]), float(ref_n[l])) + 1e-2 * rtol * total + floor:
                     wrong.add(self.covered[l][0])
                 bound = float((ref_n[l] * g_sq[l]).sqrt())  # |<g, G>| <= ||g|| ||G||
-                if c_l is not None and abs(float(c_l[u]) - ref_c[l]) > 1e-3 * bound + 1e-5 * (total * float(g_sq.sum())) ** 0.5 + floor:
+                if c_l is not None and abs(float(c_l[u]) - ref_c[l]) > rtol * bound + 1e-2 * rtol * (total * float(g_sq.sum())) ** 0.5 + floor:
                     wrong.add(self.covered[l][0])
-        return [name for name, _ in self.covered if name in wrong]
+        return [name for name, _ in self.covered if name in wrong] if compared else None
 
     def _other_stats(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample statistics of the uncovered parameters via ``vmap(grad)``, or one sample at
