@@ -280,3 +280,47 @@ def test_labeled_statistics_must_be_finite_and_residuals_do_not_cancel():
     assert p[0, 0] == 1.0  # p - e_y would give r_y = 0 exactly
     assert r[0, 0] == -(p[0, 1] + p[0, 2]) and r[0, 0] < 0
     assert torch.equal(r[0, 1:], p[0, 1:])
+
+
+def _count_forwards(model):
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    return calls
+
+
+def test_forward_batch_keeps_the_largest_layer_output_near_the_cache_size():
+    from dynal.engine.outputs import _ACTIVATION_BYTES, forward_batch
+    from dynal.models import SmallCNN
+
+    model = SmallCNN((1, 16, 16), 3, width=8, hidden=8).eval()  # largest output: 8 x 16 x 16 floats
+    assert forward_batch(model, torch.randn(5, 1, 16, 16)) == _ACTIVATION_BYTES // (8 * 16 * 16 * 4)
+    assert forward_batch(model, torch.randn(0, 1, 16, 16)) == 1
+    model.body[1] = torch.nn.BatchNorm2d(8, track_running_stats=False).eval()  # depends on its batch
+    assert forward_batch(model, torch.randn(5, 1, 16, 16)) == 5
+
+
+@pytest.mark.parametrize("outputs", [["probs", "features"], ["last_layer_stats"], ["mc_probs"]])
+def test_pool_scan_in_cache_sized_forward_passes_gives_the_same_outputs(monkeypatch, outputs):
+    from dynal.models import SmallCNN
+
+    torch.manual_seed(3)
+    model = SmallCNN((1, 8, 8), 3, width=4, hidden=8, dropout=0.3).eval()
+    rng = np.random.default_rng(3)
+    X_lab, y_lab, X_pool = rng.normal(size=(6, 1, 8, 8)).astype(np.float32), rng.integers(0, 3, 6), rng.normal(size=(11, 1, 8, 8)).astype(np.float32)
+    stats = labeled_stats(model, ["last_layer_grad_sum", "labeled_outputs"], X_lab, y_lab, batch_size=4)
+
+    def scan():
+        ctx = Context(model, stats, torch.Generator().manual_seed(0), {"mc_probs": {"passes": 3}})
+        chunks = list(pool_chunks(model, X_pool, np.arange(11), outputs, ctx, chunk_size=8))
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}, ctx
+
+    whole, _ = scan()
+    monkeypatch.setattr("dynal.engine.outputs._ACTIVATION_BYTES", 3 * 4 * 8 * 8 * 4)  # 3 samples per pass
+    calls = _count_forwards(model.body)
+    parts, ctx = scan()
+    assert ctx.cache["forward_batch"] == 3 and max(calls) == 3 and sum(calls) == 1 + 11 * (3 if outputs == ["mc_probs"] else 1)
+    for k in whole:
+        np.testing.assert_allclose(parts[k], whole[k], rtol=1e-5, atol=1e-7)
+    split_stats = labeled_stats(model, ["last_layer_grad_sum", "labeled_outputs"], X_lab, y_lab, batch_size=4)
+    for k in ("A", "a", "labeled_features", "labeled_probs"):
+        np.testing.assert_allclose(split_stats[k], stats[k], rtol=1e-5, atol=1e-7)

@@ -64,7 +64,7 @@ class ExperimentConfig:
     budget : ids queried per round
     rounds : number of queries after the initial round
     seeds : one run per seed and strategy
-    chunk_size : rows per forward pass in the pool scan
+    chunk_size : rows per chunk of the pool scan (forward passes take cache-sized parts of a chunk)
     """
 
     dataset: dict[str, Any]

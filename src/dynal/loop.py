@@ -95,7 +95,7 @@ class ActiveLearner:
     rng : the generator every random choice draws from
     oracle : ``ids -> labels`` used when :meth:`initialize` or :meth:`update` get no labels;
         defaults to the pool's hidden labels when the split has them
-    chunk_size : rows per forward pass of the pool scan
+    chunk_size : rows per chunk of the pool scan (forward passes take cache-sized parts of a chunk)
     progress : show progress bars
     """
 

@@ -34,17 +34,55 @@ class Context:
     cache: dict[str, Any] = field(default_factory=dict)  # per-query state shared across chunks
 
 
-class Chunk:
-    """A batch of pool inputs; the eval-mode forward pass is computed once, on first use."""
+# Largest layer output, in bytes, of one forward pass of the pool scan. Measured on ResNet-18
+# (widths 0.5 and 1) and the small CNN: forward passes of 16-64 images, whose largest layer
+# output is 2-6 MB and stays in cache, ran 2.0-2.3x faster than chunks of 1,024 images.
+_ACTIVATION_BYTES = 1 << 22
 
-    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+
+def forward_batch(model: nn.Module, x: torch.Tensor) -> int:
+    """Samples per forward pass such that the largest layer output of ``model.features`` stays
+    near 4 MB, measured on one sample of ``x`` (the whole of ``x`` for a model whose eval-mode
+    output depends on its batch: BatchNorm without running statistics)."""
+    if len(x) == 0 or any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None for m in model.modules()):
+        return max(1, len(x))
+    largest = x[0].numel() * x.element_size()
+
+    def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        nonlocal largest
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                largest = max(largest, t.numel() * t.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model.features(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, _ACTIVATION_BYTES // largest)
+
+
+class Chunk:
+    """A batch of pool inputs; the eval-mode forward pass is computed once, on first use, in
+    forward passes of at most ``batch`` samples (all at once by default)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, batch: int | None = None) -> None:
         self.model = model
         self.x = x
+        self.batch = batch or max(1, len(x))
+
+    def run_features(self) -> torch.Tensor:
+        """``model.features`` of the chunk (no autograd), ``batch`` samples per forward pass."""
+        with torch.no_grad():
+            if len(self.x) <= self.batch:
+                return self.model.features(self.x)
+            return torch.cat([self.model.features(xs) for xs in self.x.split(self.batch)])
 
     @cached_property
     def features(self) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.features(self.x)
+        return self.run_features()
 
     @cached_property
     def logits(self) -> torch.Tensor:
@@ -221,7 +259,7 @@ def _mc_probs(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
         handles = [m.register_forward_hook(_mask_hook(masks, (t, j), ctx.generator)) for j, m in enumerate(layers)]
         try:
             with torch.no_grad():
-                logits = ctx.model.head(ctx.model.features(chunk.x))
+                logits = ctx.model.head(chunk.run_features())
         finally:
             for handle in handles:
                 handle.remove()
@@ -248,9 +286,12 @@ def last_layer_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_si
     """
     K, d = model.head.out_features, model.head.in_features
     A, a = torch.zeros(K, d, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    batch = None
     with torch.no_grad():
         for i in range(0, len(X), batch_size):
-            chunk = Chunk(model, torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size])))
+            x = torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))
+            batch = batch or forward_batch(model, x)
+            chunk = Chunk(model, x, batch)
             check_linear_head(chunk)
             r = residuals(chunk.probs, torch.from_numpy(np.asarray(y[i : i + batch_size], dtype=np.int64)))
             A += r.T @ chunk.features.double()
@@ -266,8 +307,11 @@ def labeled_outputs(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: 
     """
     feats = [np.empty((0, model.head.in_features), dtype=np.float32)]
     probs = [np.empty((0, model.head.out_features))]
+    batch = None
     for i in range(0, len(X), batch_size):
-        chunk = Chunk(model, torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size])))
+        x = torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))
+        batch = batch or forward_batch(model, x)
+        chunk = Chunk(model, x, batch)
         feats.append(chunk.features.numpy())
         probs.append(chunk.probs.numpy())
     return {"labeled_features": np.concatenate(feats), "labeled_probs": np.concatenate(probs)}

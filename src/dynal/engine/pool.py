@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynal.engine.modes import eval_mode
-from dynal.engine.outputs import LABELED_STATS, POOL_OUTPUTS, Chunk, Context
+from dynal.engine.outputs import LABELED_STATS, POOL_OUTPUTS, Chunk, Context, forward_batch
 
 
 def check_names(names: Sequence[str], known: dict[str, Any], what: str) -> None:
@@ -80,7 +80,8 @@ def pool_chunks(
     rows : the rows of ``X`` that form the pool (default: all), so the pool is never copied
     outputs : names from :data:`dynal.engine.outputs.POOL_OUTPUTS`
     ctx : labeled statistics, generator and per-output options
-    chunk_size : rows per forward pass
+    chunk_size : rows per chunk (the forward passes within a chunk take as many rows as keep the
+        largest layer output near 4 MB, see :func:`dynal.engine.outputs.forward_batch`)
     progress : show a progress bar
     """
     check_names(outputs, POOL_OUTPUTS, "pool outputs")
@@ -92,8 +93,10 @@ def pool_chunks(
     # while the pass (and the strategy's per-chunk numpy work) is under way.
     with eval_mode(model), _thread_pools().limit(limits=1, user_api="blas"):
         for i in tqdm(range(0, n, chunk_size), desc="scoring pool", unit="chunk", disable=not progress, leave=False):
-            x = X[i : i + chunk_size] if rows is None else X[rows[i : i + chunk_size]]
-            chunk = Chunk(model, torch.from_numpy(np.ascontiguousarray(x)))
+            x = torch.from_numpy(np.ascontiguousarray(X[i : i + chunk_size] if rows is None else X[rows[i : i + chunk_size]]))
+            if "forward_batch" not in ctx.cache:  # the first chunk measures the model once per query
+                ctx.cache["forward_batch"] = forward_batch(model, x)
+            chunk = Chunk(model, x, ctx.cache["forward_batch"])
             out: dict[str, np.ndarray] = {"ids": np.asarray(ids[i : i + chunk_size], dtype=np.int64)}
             for name in outputs:
                 out.update(POOL_OUTPUTS[name](chunk, ctx))
