@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from dynal import TrainConfig, model_factory
 from dynal.resources import Measure
-from dynal.training import build_model, evaluate, fit
+from dynal.training import build_model, evaluate, fit, predict_proba
 
 
 def _data(n, shape=(6,), k=3, seed=0):
@@ -86,3 +86,17 @@ def test_a_measure_times_several_blocks():
         last = block[-1]
         del block
     assert m.peak_bytes > 200e6 and last == 1.0
+
+
+def test_predict_proba_runs_cache_sized_forward_passes_with_the_same_result(monkeypatch):
+    from dynal.models import SmallCNN
+
+    torch.manual_seed(9)
+    model = SmallCNN((1, 8, 8), 3, width=4, hidden=8)
+    X = np.random.default_rng(9).normal(size=(10, 1, 8, 8)).astype(np.float32)
+    whole = predict_proba(model, X, batch_size=len(X))
+    monkeypatch.setattr("dynal.engine.outputs._ACTIVATION_BYTES", 4 * 4 * 8 * 8 * 4)  # 4 samples per pass
+    calls = []
+    model.body.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    np.testing.assert_allclose(predict_proba(model, X), whole, rtol=1e-5, atol=1e-7)
+    assert calls == [1, 4, 4, 2]  # the one-sample measurement, then the passes

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dynal.data.arrays import check_labels
+from dynal.engine.outputs import forward_batch
 from dynal.validation import check_field_types
 
 
@@ -156,14 +157,18 @@ def fit(
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Class probabilities in eval mode, (N, K) float32."""
+def predict_proba(model: nn.Module, X: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """Class probabilities in eval mode, (N, K) float32, ``batch_size`` samples per forward pass
+    (default: as many as keep the largest layer output near 4 MB, see
+    :func:`dynal.engine.outputs.forward_batch`)."""
     model.eval()
+    if batch_size is None:
+        batch_size = forward_batch(model, torch.from_numpy(np.ascontiguousarray(X[:1024])))
     out = [F.softmax(model(torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))), dim=1) for i in range(0, len(X), batch_size)]
     return torch.cat(out).numpy()
 
 
-def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
+def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int | None = None) -> float:
     """Accuracy of ``model`` on ``(X, y)`` in eval mode."""
     y = check_labels(y, what="y")
     if len(X) != len(y):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dynal.engine.modes import eval_mode
 from dynal.engine.param_grads import ParamGradStats, check_pseudo_label, param_grad_sum, residuals
 
 
@@ -41,8 +42,8 @@ _ACTIVATION_BYTES = 1 << 22
 
 
 def forward_batch(model: nn.Module, x: torch.Tensor) -> int:
-    """Samples per forward pass such that the largest layer output of ``model.features`` stays
-    near 4 MB, measured on one sample of ``x`` (the whole of ``x`` for a model whose eval-mode
+    """Samples per forward pass such that the model's largest layer output stays near 4 MB,
+    measured on one sample of ``x`` in eval mode (the whole of ``x`` for a model whose eval-mode
     output depends on its batch: BatchNorm without running statistics)."""
     if len(x) == 0 or any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None for m in model.modules()):
         return max(1, len(x))
@@ -56,8 +57,8 @@ def forward_batch(model: nn.Module, x: torch.Tensor) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
-        with torch.no_grad():
-            model.features(x[:1])
+        with torch.no_grad(), eval_mode(model):
+            (model.features if hasattr(model, "features") else model)(x[:1])  # the head's output is small
     finally:
         for h in handles:
             h.remove()
