@@ -159,7 +159,7 @@ def fit(
 @torch.no_grad()
 def predict_proba(model: nn.Module, X: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """Class probabilities in eval mode, (N, K) float32, ``batch_size`` samples per forward pass
-    (default: as many as keep the largest layer output near 4 MB, see
+    (default: as many as keep the largest layer output near 8 MB, see
     :func:`dynal.engine.outputs.forward_batch`)."""
     model.eval()
     if batch_size is None:
