@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import threadpoolctl
@@ -318,9 +320,63 @@ def test_pool_scan_in_cache_sized_forward_passes_gives_the_same_outputs(monkeypa
     monkeypatch.setattr("dynal.engine.outputs._ACTIVATION_BYTES", 3 * 4 * 8 * 8 * 4)  # 3 samples per pass
     calls = _count_forwards(model.body)
     parts, ctx = scan()
-    assert ctx.cache["forward_batch"] == 3 and max(calls) == 3 and sum(calls) == 1 + 11 * (3 if outputs == ["mc_probs"] else 1)
+    assert ctx.cache["forward_batch"] == 3 and max(calls) == 3 and sum(calls) == 2 + 11 * (3 if outputs == ["mc_probs"] else 1)
     for k in whole:
         np.testing.assert_allclose(parts[k], whole[k], rtol=1e-5, atol=1e-7)
     split_stats = labeled_stats(model, ["last_layer_grad_sum", "labeled_outputs"], X_lab, y_lab, batch_size=4)
     for k in ("A", "a", "labeled_features", "labeled_probs"):
         np.testing.assert_allclose(split_stats[k], stats[k], rtol=1e-5, atol=1e-7)
+
+
+class _Awkward(torch.nn.Module):
+    """Models the one-sample measurement must not break: a TorchScript part, features that a
+    forward reshapes into, features that need more than one sample, tuple features."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+        if kind == "script":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in torch 2.13
+                self.conv = torch.jit.script(torch.nn.Sequential(self.conv, torch.nn.ReLU()))
+        self.norm = torch.nn.BatchNorm1d(3)
+        self.head = _PairHead() if kind == "tuple" else torch.nn.Linear(3, 2)
+
+    def features(self, x):
+        if self.kind == "flat":  # expects the forward's (N, 1, 4, 4) view
+            x = x.view(-1, 1, 4, 4)
+        h = self.conv(x).mean((2, 3))
+        if self.kind == "squeeze":  # (N, 3, 1, 1) -> (N, 3) only for N > 1
+            h = self.norm(self.conv(x).amax((2, 3), keepdim=True).squeeze())
+        return (h, 2 * h) if self.kind == "tuple" else h
+
+    def forward(self, x):
+        return self.head(self.features(x.flatten(1) if self.kind == "flat" else x))
+
+
+class _PairHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, pair):
+        return self.fc(pair[0] + pair[1])
+
+
+@pytest.mark.parametrize("kind", ["script", "flat", "squeeze", "tuple"])
+def test_forward_passes_in_parts_work_for_any_model_and_leave_no_hooks(monkeypatch, kind):
+    from dynal.training import predict_proba
+
+    torch.manual_seed(10)
+    model = _Awkward(kind).eval()
+    X = np.random.default_rng(10).normal(size=(10, 1, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(X)), 1).double().numpy()
+    monkeypatch.setattr("dynal.engine.outputs._ACTIVATION_BYTES", 400)  # 2 samples per pass
+    ctx = Context(model, {}, torch.Generator())
+    probs = np.concatenate([c["probs"] for c in pool_chunks(model, X, np.arange(10), ["probs"], ctx, 4)])
+    assert ctx.cache["forward_batch"] == (6 if kind == "script" else 2)  # TorchScript layers are not measured
+    np.testing.assert_allclose(probs, expected, rtol=1e-5)
+    np.testing.assert_allclose(predict_proba(model, X), expected, rtol=1e-5)
+    assert all(not m._forward_hooks for m in model.modules() if not isinstance(m, torch.jit.ScriptModule))

@@ -519,3 +519,42 @@ def test_bfloat16_models_keep_the_fast_path():
     model.double()  # the same weights, which bfloat16 holds exactly
     ref_norm = [float(_flat_grad(model, xi, int(k)).square().sum()) for xi, k in zip(x, labels)]
     np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=5e-2)
+
+
+def test_the_check_runs_once_when_the_covered_layers_get_no_gradient():
+    class Probe(nn.Module):  # the covered encoder runs under no_grad, the head is not covered
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(4, 5)
+            self.head = nn.utils.parametrizations.weight_norm(nn.Linear(5, 3))
+
+        def forward(self, x):
+            with torch.no_grad():
+                h = torch.tanh(self.enc(x))
+            return self.head(h)
+
+    torch.manual_seed(18)
+    X_lab, y_lab, X_pool = torch.randn(5, 4), torch.randint(0, 3, (5,)), torch.randn(6, 4)
+    stats, _ = _check_against_reference(Probe(), X_lab, y_lab, X_pool)
+    assert stats.checked and [name for name, _ in stats.covered] == ["enc"]
+
+
+def test_mixed_precision_layers_are_checked_at_their_own_rounding():
+    torch.manual_seed(19)
+    model = _with_running_stats(SmallCNN((1, 6, 6), 3, width=4, hidden=8), (1, 6, 6))
+    model.body.bfloat16()  # a bfloat16 body, float32 hidden layer and head
+
+    class Cast(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.bfloat16()).float()
+
+    model.body = Cast(model.body)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = ParamGradStats(model, None)
+        stats(torch.randn(6, 1, 6, 6))
+    assert stats.checked and not stats.other

@@ -99,4 +99,4 @@ def test_predict_proba_runs_cache_sized_forward_passes_with_the_same_result(monk
     calls = []
     model.body.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
     np.testing.assert_allclose(predict_proba(model, X), whole, rtol=1e-5, atol=1e-7)
-    assert calls == [1, 4, 4, 2]  # the one-sample measurement, then the passes
+    assert calls == [2, 4, 4, 2]  # the two-sample measurement, then the passes

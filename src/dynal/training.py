@@ -159,17 +159,17 @@ def fit(
 @torch.no_grad()
 def predict_proba(model: nn.Module, X: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """Class probabilities in eval mode, (N, K) float32, ``batch_size`` samples per forward pass
-    (default: as many as keep the largest layer output near 8 MB, see
-    :func:`dynal.engine.outputs.forward_batch`)."""
+    (default: as many as keep the largest layer output near 8 MB, measured with a forward pass
+    on two samples, see :func:`dynal.engine.outputs.forward_batch`)."""
     model.eval()
     if batch_size is None:
-        batch_size = forward_batch(model, torch.from_numpy(np.ascontiguousarray(X[:1024])))
+        batch_size = forward_batch(model, torch.from_numpy(np.ascontiguousarray(X[:1024])), run=model)
     out = [F.softmax(model(torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))), dim=1) for i in range(0, len(X), batch_size)]
     return torch.cat(out).numpy()
 
 
 def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int | None = None) -> float:
-    """Accuracy of ``model`` on ``(X, y)`` in eval mode."""
+    """Accuracy of ``model`` on ``(X, y)`` in eval mode (``batch_size`` as in :func:`predict_proba`)."""
     y = check_labels(y, what="y")
     if len(X) != len(y):
         raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")

@@ -42,13 +42,20 @@ class Context:
 _ACTIVATION_BYTES = 1 << 23
 
 
-def forward_batch(model: nn.Module, x: torch.Tensor) -> int:
-    """Samples per forward pass such that the model's largest layer output stays near 8 MB,
-    measured on one sample of ``x`` in eval mode (the whole of ``x`` for a model whose eval-mode
-    output depends on its batch: BatchNorm without running statistics)."""
+def forward_batch(model: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor], Any] | None = None) -> int:
+    """Samples per forward pass such that the model's largest layer output stays near 8 MB.
+
+    Measured with ``run`` (default ``model.features``; the head's output is small) on two samples
+    of ``x`` in eval mode, with a forward hook on every module (TorchScript modules, which take
+    no hooks, are not measured). Returns ``len(x)``, one pass as before, for a model whose eval-mode
+    output depends on its batch (BatchNorm without running statistics) or that the measurement
+    cannot run.
+    """
+    whole = max(1, len(x))
     if len(x) == 0 or any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None for m in model.modules()):
-        return max(1, len(x))
-    largest = x[0].numel() * x.element_size()
+        return whole
+    probe = x[:2]
+    largest = probe.numel() * probe.element_size()
 
     def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
         nonlocal largest
@@ -56,14 +63,17 @@ def forward_batch(model: nn.Module, x: torch.Tensor) -> int:
             if isinstance(t, torch.Tensor):
                 largest = max(largest, t.numel() * t.element_size())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    handles = []
     try:
+        handles += [m.register_forward_hook(hook) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
         with torch.no_grad(), eval_mode(model):
-            (model.features if hasattr(model, "features") else model)(x[:1])  # the head's output is small
+            (run or model.features)(probe)
+    except Exception:  # noqa: BLE001 - any model the measurement cannot run keeps one pass per chunk
+        return whole
     finally:
         for h in handles:
             h.remove()
-    return max(1, _ACTIVATION_BYTES // largest)
+    return max(1, _ACTIVATION_BYTES * len(probe) // largest)
 
 
 class Chunk:
@@ -76,12 +86,16 @@ class Chunk:
         self.batch = batch or max(1, len(x))
 
     def run_features(self) -> torch.Tensor:
-        """``model.features`` of the chunk (no autograd), ``batch`` samples per forward pass."""
+        """``model.features`` of the chunk (no autograd), ``batch`` samples per forward pass
+        (one pass where the features are not a single tensor)."""
         with torch.no_grad():
             if len(self.x) <= self.batch:
                 return self.model.features(self.x)
-            parts = -(-len(self.x) // self.batch)
-            return torch.cat([self.model.features(xs) for xs in self.x.tensor_split(parts)])
+            parts = self.x.tensor_split(-(-len(self.x) // self.batch))
+            first = self.model.features(parts[0])
+            if not isinstance(first, torch.Tensor):
+                return self.model.features(self.x)
+            return torch.cat([first, *(self.model.features(xs) for xs in parts[1:])])
 
     @cached_property
     def features(self) -> torch.Tensor:

@@ -472,7 +472,7 @@ class ParamGradStats:
                         cross += w * torch.stack([c_l for _, c_l in layers]).sum(0, dtype=torch.float64)
             if not self.checked:
                 wrong = self._disagreeing(x, r, layers)
-                self.checked = wrong is not None  # None: all gradients zero here, check the next batch
+                self.checked = wrong is not None  # None: r is zero on this batch, check the next
                 if wrong:
                     self._demote(dict.fromkeys(wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, or its output changed by a hook?)"))
                     return self._batch(x, pseudo_label)
@@ -487,16 +487,16 @@ class ParamGradStats:
         than 1e-3 relative to the layer's share, or 1e-5 of the sample's total, both eight times
         the dtype's rounding where that is larger, or what squares
         of values near the dtype's smallest normal number lose), on the two samples with the
-        largest ``||r||``; ``None`` when both sides are zero there, so that nothing was compared
-        (a batch the model is so sure of that ``r`` underflows)."""
+        largest ``||r||``; ``None`` when ``r`` is zero there, so that nothing can be compared (a
+        batch the model is so sure of that ``r`` underflows)."""
         if not self.covered:
             return []
         floor = min(1e6 * torch.finfo(r.dtype).tiny, 1e-30)
-        rtol = max(1e-3, 8 * torch.finfo(r.dtype).eps)  # wider for bfloat16 and float16 models
+        # wider for bfloat16 and float16 layers or logits
+        rtols = [max(1e-3, 8 * torch.finfo(r.dtype).eps, 8 * torch.finfo(m.weight.dtype).eps) for _, m in self.covered]
         size, picks = torch.topk(r.double().norm(dim=1), min(2, len(x)))
         if not size.any():
             return None
-        compared = False
         names = [(l, pn) for l, (_, m) in enumerate(self.covered) for pn, _ in m.named_parameters(recurse=False)]
         params = [self.covered[l][1].get_parameter(pn) for l, pn in names]
         g_sq = torch.zeros(len(self.covered), dtype=torch.float64)  # ||G||^2 per layer
@@ -513,14 +513,14 @@ class ParamGradStats:
                 if self.G_layers is not None:
                     ref_c[l] += (g.double() * self.G_layers[l][pn].double()).sum()
             total = float(ref_n.sum())
-            compared = compared or total > 0 or any(float(n_l[u]) > 0 for n_l, _ in layers)
             for l, (n_l, c_l) in enumerate(layers):
+                rtol = rtols[l]
                 if abs(float(n_l[u]) - ref_n[l]) > rtol * max(float(n_l[u]), float(ref_n[l])) + 1e-2 * rtol * total + floor:
                     wrong.add(self.covered[l][0])
                 bound = float((ref_n[l] * g_sq[l]).sqrt())  # |<g, G>| <= ||g|| ||G||
                 if c_l is not None and abs(float(c_l[u]) - ref_c[l]) > rtol * bound + 1e-2 * rtol * (total * float(g_sq.sum())) ** 0.5 + floor:
                     wrong.add(self.covered[l][0])
-        return [name for name, _ in self.covered if name in wrong] if compared else None
+        return [name for name, _ in self.covered if name in wrong]
 
     def _other_stats(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample statistics of the uncovered parameters via ``vmap(grad)``, or one sample at
