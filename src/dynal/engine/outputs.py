@@ -47,7 +47,7 @@ def forward_batch(model: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor
 
     Measured with ``run`` (default ``model.features``; the head's output is small) on two samples
     of ``x`` in eval mode, with a forward hook on every module (TorchScript modules, which take
-    no hooks, are not measured). Returns ``len(x)``, one pass as before, for a model whose eval-mode
+    no hooks, are not measured). Returns ``len(x)``, one pass for all of ``x``, for a model whose eval-mode
     output depends on its batch (BatchNorm without running statistics) or that the measurement
     cannot run.
     """
@@ -65,7 +65,9 @@ def forward_batch(model: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor
 
     handles = []
     try:
-        handles += [m.register_forward_hook(hook) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+        for m in model.modules():
+            if not isinstance(m, torch.jit.ScriptModule):
+                handles.append(m.register_forward_hook(hook))  # one by one: a failure removes those made
         with torch.no_grad(), eval_mode(model):
             (run or model.features)(probe)
     except Exception:  # noqa: BLE001 - any model the measurement cannot run keeps one pass per chunk
