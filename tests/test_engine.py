@@ -380,3 +380,14 @@ def test_forward_passes_in_parts_work_for_any_model_and_leave_no_hooks(monkeypat
     np.testing.assert_allclose(probs, expected, rtol=1e-5)
     np.testing.assert_allclose(predict_proba(model, X), expected, rtol=1e-5)
     assert all(not m._forward_hooks for m in model.modules() if not isinstance(m, torch.jit.ScriptModule))
+
+
+def test_a_scan_that_needs_no_features_runs_no_measuring_pass():
+    from dynal.models import SmallCNN
+
+    model = SmallCNN((1, 6, 6), 3, width=4, hidden=8).eval()
+    calls = _count_forwards(model.body)
+    ctx = Context(model, {}, torch.Generator())
+    X = np.random.default_rng(4).normal(size=(5, 1, 6, 6)).astype(np.float32)
+    list(pool_chunks(model, X, np.arange(5), ["param_grad_stats"], ctx, 4))
+    assert "forward_batch" not in ctx.cache and 2 not in calls  # no two-sample measurement

@@ -8,7 +8,7 @@ labeled data. Strategies name what they need; the engine computes only that.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -79,21 +79,31 @@ def forward_batch(model: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor
 
 
 class Chunk:
-    """A batch of pool inputs; the eval-mode forward pass is computed once, on first use, in
-    equal forward passes of at most ``batch`` samples (all at once by default)."""
+    """A batch of pool inputs; the eval-mode forward pass is computed once, on first use.
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, batch: int | None = None) -> None:
+    With ``sizes`` (a dict shared by the chunks of one pass, such as a query's ``ctx.cache``)
+    the forward passes take equal parts of the chunk of at most :func:`forward_batch` samples,
+    measured on the first chunk that needs features and kept in ``sizes["forward_batch"]``;
+    without it, one pass per chunk.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, sizes: dict[str, Any] | None = None) -> None:
         self.model = model
         self.x = x
-        self.batch = batch or max(1, len(x))
+        self.sizes = sizes
 
     def run_features(self) -> torch.Tensor:
-        """``model.features`` of the chunk (no autograd), ``batch`` samples per forward pass
-        (one pass where the features are not a single tensor)."""
+        """``model.features`` of the chunk (no autograd), in forward passes of at most the
+        measured size (one pass where the features are not a single tensor)."""
+        batch = len(self.x)
+        if self.sizes is not None:
+            if "forward_batch" not in self.sizes:
+                self.sizes["forward_batch"] = forward_batch(self.model, self.x)
+            batch = self.sizes["forward_batch"]
         with torch.no_grad():
-            if len(self.x) <= self.batch:
+            if len(self.x) <= batch:
                 return self.model.features(self.x)
-            parts = self.x.tensor_split(-(-len(self.x) // self.batch))
+            parts = self.x.tensor_split(-(-len(self.x) // batch))
             first = self.model.features(parts[0])
             if not isinstance(first, torch.Tensor):
                 return self.model.features(self.x)
@@ -298,6 +308,13 @@ POOL_OUTPUTS: dict[str, PoolOutput] = {
 }
 
 
+def _chunks(model: nn.Module, X: np.ndarray, batch_size: int) -> Iterator[tuple[int, Chunk]]:
+    """The labeled set in chunks of ``batch_size`` rows (first row, chunk), sized as the pool's."""
+    sizes: dict[str, Any] = {}
+    for i in range(0, len(X), batch_size):
+        yield i, Chunk(model, torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size])), sizes)
+
+
 def last_layer_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, Any]:
     """``A = sum_j r_j h_j^T`` (K x d) and ``a = sum_j r_j`` (K) over the labeled set, true labels.
 
@@ -305,12 +322,8 @@ def last_layer_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_si
     """
     K, d = model.head.out_features, model.head.in_features
     A, a = torch.zeros(K, d, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
-    batch = None
     with torch.no_grad():
-        for i in range(0, len(X), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))
-            batch = batch or forward_batch(model, x)
-            chunk = Chunk(model, x, batch)
+        for i, chunk in _chunks(model, X, batch_size):
             check_linear_head(chunk)
             r = residuals(chunk.probs, torch.from_numpy(np.asarray(y[i : i + batch_size], dtype=np.int64)))
             A += r.T @ chunk.features.double()
@@ -326,11 +339,7 @@ def labeled_outputs(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: 
     """
     feats = [np.empty((0, model.head.in_features), dtype=np.float32)]
     probs = [np.empty((0, model.head.out_features))]
-    batch = None
-    for i in range(0, len(X), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(X[i : i + batch_size]))
-        batch = batch or forward_batch(model, x)
-        chunk = Chunk(model, x, batch)
+    for _, chunk in _chunks(model, X, batch_size):
         feats.append(chunk.features.numpy())
         probs.append(chunk.probs.numpy())
     return {"labeled_features": np.concatenate(feats), "labeled_probs": np.concatenate(probs)}

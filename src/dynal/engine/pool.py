@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynal.engine.modes import eval_mode
-from dynal.engine.outputs import LABELED_STATS, POOL_OUTPUTS, Chunk, Context, forward_batch
+from dynal.engine.outputs import LABELED_STATS, POOL_OUTPUTS, Chunk, Context
 
 
 def check_names(names: Sequence[str], known: dict[str, Any], what: str) -> None:
@@ -94,9 +94,7 @@ def pool_chunks(
     with eval_mode(model), _thread_pools().limit(limits=1, user_api="blas"):
         for i in tqdm(range(0, n, chunk_size), desc="scoring pool", unit="chunk", disable=not progress, leave=False):
             x = torch.from_numpy(np.ascontiguousarray(X[i : i + chunk_size] if rows is None else X[rows[i : i + chunk_size]]))
-            if "forward_batch" not in ctx.cache:  # the first chunk measures the model once per query
-                ctx.cache["forward_batch"] = forward_batch(model, x)
-            chunk = Chunk(model, x, ctx.cache["forward_batch"])
+            chunk = Chunk(model, x, ctx.cache)  # forward passes sized once per query, see Chunk
             out: dict[str, np.ndarray] = {"ids": np.asarray(ids[i : i + chunk_size], dtype=np.int64)}
             for name in outputs:
                 out.update(POOL_OUTPUTS[name](chunk, ctx))
