@@ -35,28 +35,35 @@ def _reference(model, X_lab, y_lab, X_pool, pseudo_label="argmax"):
     return np.array(norms), np.array(cross)
 
 
-def _with_running_stats(model, shape):
+def _draw(spec, n):
+    """``n`` inputs: ``spec(n)`` for a callable, else standard normal of shape ``spec``."""
+    return spec(n) if callable(spec) else torch.randn(n, *spec)
+
+
+def _with_running_stats(model, spec):
     model.train()
     with torch.no_grad():
         for _ in range(3):
-            model(torch.randn(16, *shape) * 2 + 0.5)
+            x = _draw(spec, 16)
+            model(x * 2 + 0.5 if x.is_floating_point() else x)
     return model.eval()
 
 
 class InplaceNet(nn.Module):
-    """In-place ReLUs after covered layers, a LayerNorm and a Conv1d (not covered)."""
+    """In-place ReLUs after covered layers, a PReLU and a grouped Conv1d (not covered)."""
 
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(5, 6)
         self.norm = nn.LayerNorm(6)
-        self.conv = nn.Conv1d(1, 2, 3, padding=1)
+        self.act = nn.PReLU()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1, groups=2)
         self.relu = nn.ReLU(inplace=True)
         self.head = nn.Linear(12, 3)
 
     def features(self, x):
-        x = self.relu(self.norm(self.relu(self.fc(x))))
-        return self.relu(self.conv(x[:, None]).flatten(1))
+        x = self.act(self.relu(self.norm(self.relu(self.fc(x)))))
+        return self.relu(self.conv(x.view(-1, 2, 3)).flatten(1))
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -78,8 +85,50 @@ class TokenNet(nn.Module):
         return self.head(self.features(x))
 
 
+class TextNet(nn.Module):
+    """The layers of text and sequence models: an Embedding with a padding token, LayerNorms
+    (one without bias), a per-position Linear, a Conv1d, a GroupNorm and BatchNorm1d on
+    sequences (N, C, T) and on vectors (N, C)."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.conv = nn.Conv1d(dim, 4, 3, padding=1, dilation=1, stride=1)
+        self.group = nn.GroupNorm(2, 4)
+        self.bn_seq = nn.BatchNorm1d(4)
+        self.bn_vec = nn.BatchNorm1d(4)
+        self.out_norm = nn.LayerNorm(4, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def features(self, x):
+        h = F.gelu(self.mix(self.norm(self.embed(x))))  # N x T x dim
+        h = torch.tanh(self.bn_seq(self.group(self.conv(h.transpose(1, 2)))))  # N x 4 x T
+        return self.out_norm(torch.tanh(self.bn_vec(h.mean(2))))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _tokens(n, vocab=11, length=9):
+    """Token ids with repeats within a sample and padding (id 0) at the end."""
+    x = torch.randint(1, vocab, (n, length))
+    x[:, -2:] = 0
+    return x
+
+
 MODELS = {
     "mlp": (lambda: MLP((5,), 4, hidden=[7, 6]), (5,)),
+    "text": (TextNet, _tokens),
+    "cnn-gn": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=2), nn.LayerNorm([4, 2, 2]), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3),
+        ),
+        (2, 6, 6),
+    ),
+    "bn3d": (lambda: nn.Sequential(nn.BatchNorm3d(2), nn.Flatten(), nn.Linear(2 * 3 * 2 * 2, 3)), (2, 3, 2, 2)),
     "tokens": (TokenNet, (7, 3)),
     "cnn-bn": (lambda: SmallCNN((2, 9, 9), 3, width=4, hidden=8), (2, 9, 9)),
     "resnet": (lambda: ResNet18((3, 8, 8), 5, width=0.0625), (3, 8, 8)),
@@ -90,10 +139,11 @@ MODELS = {
 @pytest.mark.parametrize("pseudo_label", ["argmax", "expected"])
 def test_all_parameter_statistics_equal_per_sample_autograd(name, pseudo_label):
     torch.manual_seed(0)
-    make, shape = MODELS[name]
-    model = _with_running_stats(make(), shape)
-    X_lab, y_lab = torch.randn(6, *shape), torch.randint(0, model.head.out_features, (6,))
-    X_pool = torch.randn(5, *shape)
+    make, spec = MODELS[name]
+    model = _with_running_stats(make(), spec)
+    n_classes = model.head.out_features if hasattr(model, "head") else model[-1].out_features
+    X_lab, y_lab = _draw(spec, 6), torch.randint(0, n_classes, (6,))
+    X_pool = _draw(spec, 5)
     G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), batch_size=4)["G_S"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every layer of these models has the fast path
@@ -127,7 +177,8 @@ def test_uncovered_layers_fall_back_with_a_warning_and_in_place_ops_are_handled(
         warnings.simplefilter("always")
         stats = ParamGradStats(model, G)
     message = " ".join(str(w.message) for w in caught)
-    assert "norm (LayerNorm)" in message and "conv (Conv1d)" in message
+    assert "act (PReLU)" in message and "conv (Conv1d)" in message and "norm (" not in message
+    assert [name for name, _ in stats.covered] == ["fc", "norm", "head"]
     norm, cross = stats(X_pool)
     assert stats.clone_outputs  # the in-place ReLU after fc was detected
     ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
@@ -135,17 +186,19 @@ def test_uncovered_layers_fall_back_with_a_warning_and_in_place_ops_are_handled(
     np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
 
 
-def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions():
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions(dims):
     torch.manual_seed(2)
+    conv, pool = (nn.Conv1d, nn.AdaptiveAvgPool1d) if dims == 1 else (nn.Conv2d, nn.AdaptiveAvgPool2d)
 
     class ConvNet(nn.Module):
         def __init__(self):
             super().__init__()
             self.body = nn.Sequential(
-                nn.Conv2d(1, 8, 3, padding=2, dilation=2, bias=True), nn.ReLU(),  # one channel: unfolded
-                nn.Conv2d(8, 3, 3, stride=2, padding=2, dilation=2, bias=True), nn.ReLU(),  # grouped
-                nn.Conv2d(3, 40, 2, bias=True), nn.Tanh(),  # few positions: the Gram form
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                conv(1, 8, 3, padding=2, dilation=2, bias=True), nn.ReLU(),  # one channel: unfolded
+                conv(8, 3, 3, stride=2, padding=2, dilation=2, bias=True), nn.ReLU(),  # grouped
+                conv(3, 40, 2, bias=True), nn.Tanh(),  # few positions: the Gram form
+                pool(1), nn.Flatten(),
             )
             self.head = nn.Linear(40, 3)
 
@@ -156,9 +209,14 @@ def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions():
             return self.head(self.features(x))
 
     model = ConvNet().eval()
-    X_lab, y_lab, X_pool = torch.randn(4, 1, 7, 7), torch.tensor([0, 1, 2, 1]), torch.randn(5, 1, 7, 7)
+    shape = (1, 7) if dims == 1 else (1, 7, 7)
+    X_lab, y_lab, X_pool = torch.randn(4, *shape), torch.tensor([0, 1, 2, 1]), torch.randn(5, *shape)
     G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
-    norm, cross = ParamGradStats(model, G)(X_pool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer has the fast path
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool)
+    assert stats.checked and not stats.other
     ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
     np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
     np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
@@ -372,6 +430,22 @@ def test_batch_statistics_batchnorm_is_refused_and_gradient_sums_work_under_no_g
     assert set(G) == {n for n, _ in model.named_parameters()} and all(g.abs().sum() > 0 for g in G.values())
 
 
+def test_embeddings_whose_gradient_is_not_per_token_are_refused_or_fall_back():
+    X, y = _tokens(4).numpy(), np.array([0, 1, 2, 1])
+    model = TextNet()
+    model.embed = nn.Embedding(11, 6, padding_idx=0, scale_grad_by_freq=True)
+    for call in (lambda: ParamGradStats(model, None), lambda: param_grad_sum(model, X, y, 2)):
+        with pytest.raises(ValueError, match=r"embed \(Embedding\).*scale_grad_by_freq=False"):
+            call()
+    model.embed.weight.requires_grad_(False)  # frozen: no gradient to scale
+    assert "embed.weight" not in param_grad_sum(model, X, y, 2)["G_S"]
+    torch.manual_seed(12)
+    model = _with_running_stats(TextNet(), _tokens)
+    model.embed = nn.Embedding(11, 6, max_norm=1.0)  # rows renormalized in place while it runs
+    stats, message = _check_against_reference(model, torch.from_numpy(X), torch.from_numpy(y), _tokens(5))
+    assert "embed (Embedding)" in message and "embed" not in [name for name, _ in stats.covered]
+
+
 def test_a_module_registered_under_two_names_keeps_its_parameters():
     class Aliased(nn.Module):
         def __init__(self):
@@ -502,6 +576,25 @@ def test_sequence_linear_statistics_are_built_in_blocks(monkeypatch):
     X_lab, y_lab, X_pool = torch.randn(5, 7, 3), torch.randint(0, 4, (5,)), torch.randn(6, 7, 3)
     stats, message = _check_against_reference(TokenNet(), X_lab, y_lab, X_pool, n_classes=4)
     assert not message and len(stats.covered) == 3
+
+
+def test_passes_are_split_so_the_largest_layer_output_stays_near_the_cache_size(monkeypatch):
+    torch.manual_seed(17)
+    model = TextNet().eval()
+    X_lab, y_lab, X_pool = _tokens(6), torch.randint(0, 3, (6,)), _tokens(10)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
+    whole = ParamGradStats(model, G)(X_pool)
+    # the largest layer output is the embedding's, 9 x 6 floats per sample: 3 samples per pass
+    monkeypatch.setattr("dynal.engine.modes._ACTIVATION_BYTES", 3 * 9 * 6 * 4)
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    stats = ParamGradStats(model, G)
+    split = stats(X_pool)
+    assert stats.forward_batch == 3 and calls[0] == 2 and max(calls[1:]) == 3 and calls[1:].count(3) >= 3
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
+    np.testing.assert_allclose(split[0].numpy(), ref_norm, rtol=1e-4)
 
 
 def test_bfloat16_models_keep_the_fast_path():

@@ -95,7 +95,7 @@ def test_predict_proba_runs_cache_sized_forward_passes_with_the_same_result(monk
     model = SmallCNN((1, 8, 8), 3, width=4, hidden=8)
     X = np.random.default_rng(9).normal(size=(10, 1, 8, 8)).astype(np.float32)
     whole = predict_proba(model, X, batch_size=len(X))
-    monkeypatch.setattr("dynal.engine.outputs._ACTIVATION_BYTES", 4 * 4 * 8 * 8 * 4)  # 4 samples per pass
+    monkeypatch.setattr("dynal.engine.modes._ACTIVATION_BYTES", 4 * 4 * 8 * 8 * 4)  # 4 samples per pass
     calls = []
     model.body.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
     np.testing.assert_allclose(predict_proba(model, X), whole, rtol=1e-5, atol=1e-7)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dynal.data.arrays import check_labels
-from dynal.engine.outputs import forward_batch
+from dynal.engine.modes import forward_batch
 from dynal.validation import check_field_types
 
 
@@ -160,7 +160,7 @@ def fit(
 def predict_proba(model: nn.Module, X: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """Class probabilities in eval mode, (N, K) float32, ``batch_size`` samples per forward pass
     (default: as many as keep the largest layer output near 8 MB, measured with a forward pass
-    on two samples, see :func:`dynal.engine.outputs.forward_batch`)."""
+    on two samples, see :func:`dynal.engine.modes.forward_batch`)."""
     model.eval()
     if batch_size is None:
         batch_size = forward_batch(model, torch.from_numpy(np.ascontiguousarray(X[:1024])), run=model)

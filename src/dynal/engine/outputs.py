@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dynal.engine.modes import eval_mode
+from dynal.engine.modes import forward_batch
 from dynal.engine.param_grads import ParamGradStats, check_pseudo_label, param_grad_sum, residuals
 
 
@@ -33,49 +33,6 @@ class Context:
     generator: torch.Generator
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)  # per-query state shared across chunks
-
-
-# Largest layer output, in bytes, of one forward pass of the pool scan. Measured on ResNet-18
-# (widths 0.5 and 1) and the small CNN: forward passes of 16-128 images, whose largest layer
-# output is 2-13 MB, ran 2.0-2.3x faster than chunks of 1,024 images, the fastest between 4 and
-# 13 MB depending on the model and the machine's load.
-_ACTIVATION_BYTES = 1 << 23
-
-
-def forward_batch(model: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor], Any] | None = None) -> int:
-    """Samples per forward pass such that the model's largest layer output stays near 8 MB.
-
-    Measured with ``run`` (default ``model.features``; the head's output is small) on two samples
-    of ``x`` in eval mode, with a forward hook on every module (TorchScript modules, which take
-    no hooks, are not measured). Returns ``len(x)``, one pass for all of ``x``, for a model whose eval-mode
-    output depends on its batch (BatchNorm without running statistics) or that the measurement
-    cannot run.
-    """
-    whole = max(1, len(x))
-    if len(x) == 0 or any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None for m in model.modules()):
-        return whole
-    probe = x[:2]
-    largest = probe.numel() * probe.element_size()
-
-    def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-        nonlocal largest
-        for t in output if isinstance(output, (tuple, list)) else (output,):
-            if isinstance(t, torch.Tensor):
-                largest = max(largest, t.numel() * t.element_size())
-
-    handles = []
-    try:
-        for m in model.modules():
-            if not isinstance(m, torch.jit.ScriptModule):
-                handles.append(m.register_forward_hook(hook))  # one by one: a failure removes those made
-        with torch.no_grad(), eval_mode(model):
-            (run or model.features)(probe)
-    except Exception:  # noqa: BLE001 - any model the measurement cannot run keeps one pass per chunk
-        return whole
-    finally:
-        for h in handles:
-            h.remove()
-    return max(1, _ACTIVATION_BYTES * len(probe) // largest)
 
 
 class Chunk:

@@ -15,9 +15,13 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
   ``<g, G_W> = delta^T G_W a`` (bias: ``delta``).
 - ``nn.Conv2d`` (zero padding, one group): ``g = sum_p delta_p u_p^T`` over output positions
   ``p`` with ``u_p`` the unfolded input patch, computed as one batched matrix product.
-- ``nn.BatchNorm2d`` in eval mode: ``g_gamma = sum_hw delta * xhat`` and ``g_beta = sum_hw delta``
-  with ``xhat`` normalized by the running statistics; exact per sample (the official code's
-  chunk-mean shortcut is not used).
+- ``nn.Conv1d`` as a ``Conv2d`` of height one.
+- ``nn.BatchNorm1d/2d/3d`` in eval mode: ``g_gamma = sum delta * xhat`` and ``g_beta = sum delta``
+  over the positions, with ``xhat`` normalized by the running statistics; exact per sample (the
+  official code's chunk-mean shortcut is not used). ``nn.LayerNorm`` and ``nn.GroupNorm`` alike,
+  with ``xhat`` the layer's own normalization of the sample's input.
+- ``nn.Embedding``: ``g`` has one row per distinct token of the sample, the sum of the output
+  gradients at that token's positions (none for ``padding_idx``).
 
 Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), or to a
 loop over single samples where torch.func cannot run the model, with a warning naming the
@@ -31,6 +35,7 @@ import warnings
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -39,7 +44,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from dynal.engine.modes import eval_mode
+from dynal.engine.modes import eval_mode, forward_batch
 
 # Largest per-sample-gradient block built at once for one layer, in elements (256 MB of float32).
 _BLOCK_ELEMENTS = 1 << 26
@@ -49,36 +54,32 @@ _BLOCK_ELEMENTS = 1 << 26
 _CACHE_ELEMENTS = 1 << 19
 
 
-# The classes with a fast path, and the methods their subclasses must not override: a subclass
-# that computes something else (weight standardization, say) is not covered.
-_FAST = {
-    nn.Linear: ("forward",),
-    nn.Conv2d: ("forward", "_conv_forward"),
-    nn.BatchNorm2d: ("forward",),
-}
-
-
 def _covered(module: nn.Module) -> bool:
     """Whether the fast path computes this module's per-sample gradients exactly: a plain
-    ``Linear``, ``Conv2d`` (zero padding, one group) or eval-mode ``BatchNorm2d`` whose only
-    parameters are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
+    ``Linear``, ``Conv1d``/``Conv2d`` (zero padding, one group), eval-mode ``BatchNorm1d/2d/3d``
+    (running statistics), ``LayerNorm``, ``GroupNorm`` or ``Embedding`` (no ``max_norm``) whose
+    only parameters are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
     cls = next((c for c in _FAST if isinstance(module, c)), None)
-    if cls is None or any(getattr(type(module), f) is not getattr(cls, f) for f in _FAST[cls]):
+    if cls is None or any(getattr(type(module), f) is not getattr(cls, f) for f in _FAST[cls][1]):
         return False
     names = {n for n, _ in module.named_parameters(recurse=False)}
     if "weight" not in names or not names <= {"weight", "bias"} or parametrize.is_parametrized(module):
         return False
-    if cls is nn.Conv2d:
+    if cls in (nn.Conv1d, nn.Conv2d):
         return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    if cls is nn.BatchNorm2d:
+    if issubclass(cls, nn.modules.batchnorm._BatchNorm):
         return module.affine and module.track_running_stats and module.running_var is not None
+    if cls is nn.Embedding:
+        return module.max_norm is None  # max_norm rescales rows of the weight in place
     return True
 
 
 def check_per_sample(model: nn.Module) -> None:
     """Raise when a sample's eval-mode output depends on the rest of its batch (BatchNorm without
-    running statistics normalizes with the batch's own, so no per-sample gradient exists), or
-    when a trainable parameter has a gradient hook (``Tensor.register_hook``), which would
+    running statistics normalizes with the batch's own, so no per-sample gradient exists), when
+    a trainable embedding scales its gradient by the batch's token counts
+    (``scale_grad_by_freq``, so the labeled set's summed gradient would depend on its batches),
+    or when a trainable parameter has a gradient hook (``Tensor.register_hook``), which would
     change the labeled set's summed gradient but has no per-sample meaning."""
     hooked = [n for n, p in model.named_parameters() if p.requires_grad and p._backward_hooks]
     if hooked:
@@ -88,6 +89,13 @@ def check_per_sample(model: nn.Module) -> None:
             "ones; remove the hooks (keep their handles) while dynamicAL scores the pool"
         )
     for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq and m.weight.requires_grad:
+            raise ValueError(
+                f"params='all' sums per-sample gradients, but {name or 'the model'} ({type(m).__name__}) has "
+                "scale_grad_by_freq=True, which divides each token's gradient by its count in the whole batch, "
+                "so the labeled set's summed gradient would depend on how it is batched; build it with "
+                "scale_grad_by_freq=False (or freeze it) to score with params='all'"
+            )
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
             raise ValueError(
                 f"params='all' takes each sample's own gradient, but {name or 'the model'} ({type(m).__name__}) "
@@ -302,13 +310,66 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
     return norm, cross
 
 
-def _bn_stats(m: nn.BatchNorm2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    # g_gamma = sum_hw d * (a - mean) / std = (sum_hw d * a - mean * g_beta) / std, with no
-    # normalized copy of the activations
-    g_bias = d.sum((2, 3))
-    g_weight = ((d * a).sum((2, 3)) - m.running_mean * g_bias) * torch.rsqrt(m.running_var + m.eps)
-    norm = g_weight.pow(2).sum(1) + g_bias.pow(2).sum(1)
-    cross = g_weight @ G["weight"] + g_bias @ G["bias"] if G is not None else None
+def _conv1d_stats(m: nn.Conv1d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``Conv1d`` as the ``Conv2d`` of height one that computes the same (duck-typed: only the
+    geometry, weight and bias are read)."""
+    as_2d = SimpleNamespace(
+        kernel_size=(1, *m.kernel_size), stride=(1, *m.stride), padding=(0, *m.padding), dilation=(1, *m.dilation),
+        weight=m.weight.unsqueeze(2), bias=m.bias,
+    )
+    G_2d = None if G is None else {**G, "weight": G["weight"].unsqueeze(2)}
+    return _conv_stats(as_2d, a.unsqueeze(2), d.unsqueeze(2), G_2d)
+
+
+def _affine_stats(g_weight: torch.Tensor, g_bias: torch.Tensor | None, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm and cross term from per-sample weight and bias gradients, each (n, parameter size)."""
+    norm = g_weight.pow(2).sum(1)
+    cross = g_weight @ G["weight"].flatten() if G is not None else None
+    if g_bias is not None:
+        norm = norm + g_bias.pow(2).sum(1)
+        if G is not None:
+            cross = cross + g_bias @ G["bias"].flatten()
+    return norm, cross
+
+
+def _bn_stats(m: nn.modules.batchnorm._BatchNorm, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # g_gamma = sum d * (a - mean) / std = (sum d * a - mean * g_beta) / std over the positions,
+    # with no normalized copy of the activations
+    n, c = d.shape[:2]
+    g_bias = d.reshape(n, c, -1).sum(2)
+    g_weight = ((d * a).reshape(n, c, -1).sum(2) - m.running_mean * g_bias) * torch.rsqrt(m.running_var + m.eps)
+    return _affine_stats(g_weight, g_bias, G)
+
+
+def _norm_stats(m: nn.LayerNorm | nn.GroupNorm, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm (parameters on the last axes, summed over the others) and GroupNorm (parameters
+    per channel, summed over the positions): ``xhat`` is the layer's own normalization of ``a``."""
+    n = len(d)
+    if isinstance(m, nn.LayerNorm):
+        xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+        shape = (n, -1, m.weight.numel())
+        g_weight = (d * xhat).reshape(shape).sum(1)
+        g_bias = d.reshape(shape).sum(1) if m.bias is not None else None
+    else:
+        xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
+        shape = (n, m.num_channels, -1)
+        g_weight = (d * xhat).reshape(shape).sum(2)
+        g_bias = d.reshape(shape).sum(2) if m.bias is not None else None
+    return _affine_stats(g_weight, g_bias, G)
+
+
+def _embedding_stats(m: nn.Embedding, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample's embedding gradient has one row per distinct token (its positions' output
+    gradients summed, none for ``padding_idx``): the rows are summed per (sample, token) key."""
+    n = len(d)
+    tokens = a.reshape(n, -1)
+    dd = d.reshape(n, tokens.shape[1], -1)
+    if m.padding_idx is not None:
+        dd = dd * (tokens != m.padding_idx).unsqueeze(2).to(dd.dtype)
+    keys, where = torch.unique(tokens + m.num_embeddings * torch.arange(n)[:, None], return_inverse=True)
+    rows = dd.new_zeros(len(keys), dd.shape[2]).index_add_(0, where.flatten(), dd.reshape(-1, dd.shape[2]))
+    norm = dd.new_zeros(n).index_add_(0, keys // m.num_embeddings, rows.pow(2).sum(1))
+    cross = (dd * G["weight"][tokens]).sum((1, 2)) if G is not None else None
     return norm, cross
 
 
@@ -317,12 +378,23 @@ def _zero_stats(n: int, dtype: torch.dtype, cross: bool) -> tuple[torch.Tensor, 
     return torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype) if cross else None
 
 
+# The classes with a fast path: each one's statistics, and the methods its subclasses must not
+# override (a subclass that computes something else, weight standardization say, is not covered).
+_FAST = {
+    nn.Linear: (_linear_stats, ("forward",)),
+    nn.Conv1d: (_conv1d_stats, ("forward", "_conv_forward")),
+    nn.Conv2d: (_conv_stats, ("forward", "_conv_forward")),
+    nn.BatchNorm1d: (_bn_stats, ("forward",)),
+    nn.BatchNorm2d: (_bn_stats, ("forward",)),
+    nn.BatchNorm3d: (_bn_stats, ("forward",)),
+    nn.LayerNorm: (_norm_stats, ("forward",)),
+    nn.GroupNorm: (_norm_stats, ("forward",)),
+    nn.Embedding: (_embedding_stats, ("forward",)),
+}
+
+
 def _layer_stats(m: nn.Module, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(m, nn.Linear):
-        return _linear_stats(m, a, d, G)
-    if isinstance(m, nn.Conv2d):
-        return _conv_stats(m, a, d, G)
-    return _bn_stats(m, a, d, G)
+    return next(stats for cls, (stats, _) in _FAST.items() if isinstance(m, cls))(m, a, d, G)
 
 
 @contextmanager
@@ -361,6 +433,7 @@ class ParamGradStats:
         self.clone_outputs = False
         self.checked = False  # the fast path was compared with the one-sample reference
         self.loop_fallback = False  # torch.func failed on this model: one sample at a time
+        self.forward_batch: int | None = None  # measured on the first call, see forward_batch
         self._plan(exclude=[])
         if not self.covered and not self.other:
             raise ValueError("the model has no trainable parameters")
@@ -381,8 +454,8 @@ class ParamGradStats:
         if G is not None:
             self.G_layers = [{n: G[f"{name}.{n}" if name else n] for n, _ in m.named_parameters(recurse=False)} for name, m in self.covered]
         self.G_other = {n: G[n] for n in self.other} if G is not None else None
-        conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, nn.Conv2d)]
-        self.sub_batch = max(16, _CACHE_ELEMENTS // max(conv_sizes)) if conv_sizes else None
+        conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+        self.conv_batch = max(16, _CACHE_ELEMENTS // max(conv_sizes)) if conv_sizes else None
 
     def _demote(self, reasons: dict[str, str]) -> None:
         """Move covered layers to the general path, saying why."""
@@ -408,7 +481,9 @@ class ParamGradStats:
 
         With ``pseudo_label="argmax"`` the gradient is taken at the model's predicted class;
         with ``"expected"`` both statistics are averaged over ``y ~ p`` (K backward passes).
-        Convolutional models are processed in sub-batches that keep per-sample gradients in cache.
+        Batches are processed in sub-batches whose largest layer output is near 8 MB (measured on
+        the first call, see :func:`dynal.engine.modes.forward_batch`), and for convolutional models
+        at most as many samples as keep the largest per-sample weight gradient near 2 MB.
         Autograd runs also under ``torch.no_grad`` or ``torch.inference_mode``.
 
         Returns
@@ -419,8 +494,11 @@ class ParamGradStats:
         with torch.inference_mode(False), eval_mode(self.model):
             if x.is_inference():  # made under inference_mode: autograd cannot save it
                 x = x.clone()
-            if self.sub_batch is not None and len(x) > self.sub_batch:
-                parts = [self._batch(xs, pseudo_label) for xs in x.split(self.sub_batch)]
+            if self.forward_batch is None and len(x):
+                self.forward_batch = forward_batch(self.model, x, run=self.model)
+            size = min(self.forward_batch or len(x), self.conv_batch or len(x))
+            if len(x) > size:
+                parts = [self._batch(xs, pseudo_label) for xs in x.split(size)]
                 return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
             return self._batch(x, pseudo_label)
 

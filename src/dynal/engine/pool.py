@@ -81,7 +81,7 @@ def pool_chunks(
     outputs : names from :data:`dynal.engine.outputs.POOL_OUTPUTS`
     ctx : labeled statistics, generator and per-output options
     chunk_size : rows per chunk (the forward passes within a chunk take as many rows as keep the
-        largest layer output near 8 MB, see :func:`dynal.engine.outputs.forward_batch`)
+        largest layer output near 8 MB, see :func:`dynal.engine.modes.forward_batch`)
     progress : show a progress bar
     """
     check_names(outputs, POOL_OUTPUTS, "pool outputs")
