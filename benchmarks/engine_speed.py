@@ -304,15 +304,20 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        notes = ""  # hand-written notes below the marker line are kept
-        if os.path.exists(args.out):
-            with open(args.out) as f:
-                old = f.read()
-            if NOTES in old:
-                notes = "\n" + old[old.index(NOTES):]
-        with open(args.out, "w") as f:
-            f.write("# Engine speed and memory\n\nCommand: `python benchmarks/engine_speed.py --threads "
-                    f"{args.threads} --rounds {args.rounds} --out {args.out}`\n\n{text}\n{notes}")
+        write_report(args.out, "Engine speed and memory", f"python benchmarks/engine_speed.py --threads {args.threads} --rounds {args.rounds} --out {args.out}", text)
+
+
+def write_report(path: str, title: str, command: str, text: str) -> None:
+    """Write a benchmark's tables under a title and the command that produced them, keeping the
+    hand-written notes below the marker line of the file's previous version."""
+    notes = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if NOTES in old:
+            notes = "\n" + old[old.index(NOTES):]
+    with open(path, "w") as f:
+        f.write(f"# {title}\n\nCommand: `{command}`\n\n{text}\n{notes}")
 
 
 if __name__ == "__main__":

@@ -446,6 +446,29 @@ def test_embeddings_whose_gradient_is_not_per_token_are_refused_or_fall_back():
     assert "embed (Embedding)" in message and "embed" not in [name for name, _ in stats.covered]
 
 
+class LearnedPositions(TextNet):
+    """A learned position table called on ``arange(T)``: its input has no sample axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.position = nn.Embedding(9, 6)
+
+    def features(self, x):
+        h = self.embed(x) + self.position(torch.arange(x.shape[1]))
+        h = F.gelu(self.mix(self.norm(h)))
+        h = torch.tanh(self.bn_seq(self.group(self.conv(h.transpose(1, 2)))))
+        return self.out_norm(torch.tanh(self.bn_vec(h.mean(2))))
+
+
+@pytest.mark.parametrize("n_pool", [5, 9])  # 9: as many samples as positions, so the shapes pass
+def test_a_position_table_without_a_sample_axis_takes_the_general_path(n_pool):
+    torch.manual_seed(13)
+    model = _with_running_stats(LearnedPositions(), _tokens)
+    stats, message = _check_against_reference(model, _tokens(6), torch.randint(0, 3, (6,)), _tokens(n_pool))
+    assert "layer position (Embedding)" in message and "position" not in [name for name, _ in stats.covered]
+    assert "embed" in [name for name, _ in stats.covered]
+
+
 def test_a_module_registered_under_two_names_keeps_its_parameters():
     class Aliased(nn.Module):
         def __init__(self):

@@ -1,0 +1,214 @@
+"""Cost of dynamicAL params="all" on sequence, text and tabular models, whose Embedding, LayerNorm,
+GroupNorm, Conv1d and BatchNorm1d layers have dynal's per-layer fast path.
+
+For each model, on the same random pool (CPU):
+  (a) inference     forward pass over the pool (no_grad, eval mode), in batches of 16 to 256
+                    samples: the fastest batch size is reported
+  (c) all           dynal's ParamGradStats (every layer of these models on the fast path)
+  (g) general       as dynal ran these models before: the layers named above on the general
+                    path (torch.func's vmap over grad for their parameters), and passes split
+                    only to bound convolutions' per-sample gradients, not by layer output size
+  (d) vmap          per-sample gradients of all parameters materialized with torch.func
+(c) and (g) run in the library's default chunks of 1,024 (which ParamGradStats splits into
+passes whose largest layer output is near 8 MB); (c), (g) and (d) are checked to give the same
+scores to 1e-4 relative. Times: the paths
+interleaved in one fresh process per model, the best of the rounds; memory: the sampled peak
+growth of resident memory of one run of each path in its own fresh process.
+
+Usage: python benchmarks/sequence_layers.py [--threads 2] [--rounds 3] [--out benchmarks/sequence_layers.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import platform
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+from engine_speed import vmap_path, write_report
+from torch import nn
+from torch.nn import functional as F
+
+from dynal.engine.param_grads import ParamGradStats, param_grad_sum
+from dynal.resources import Measure
+
+NEW_LAYERS = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.BatchNorm1d)
+N_LABELED = 64
+CHUNK = 1024  # the library's default chunk
+INFERENCE_BATCHES = (16, 32, 64, 128, 256)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: self-attention from Linear projections, then an MLP."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class TextTransformer(nn.Module):
+    """Token ids (stored as float32, as dynal stores inputs) -> embeddings plus fixed sinusoidal
+    positions -> blocks -> mean. (A learned position table, ``nn.Embedding`` of ``arange(T)``,
+    sees the positions rather than the samples, so its parameters take the general path.)"""
+
+    def __init__(self, vocab: int, length: int, dim: int = 128, blocks: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        angle = torch.arange(length)[:, None] / 10_000 ** (torch.arange(0, dim, 2) / dim)
+        self.register_buffer("position", torch.cat([angle.sin(), angle.cos()], 1))
+        self.blocks = nn.Sequential(*(Block(dim, 4) for _ in range(blocks)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.embed(x.long()) + self.position)).mean(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def series_cnn(channels: int) -> nn.Module:
+    """A 1-D CNN for multichannel time series, with BatchNorm1d and GroupNorm."""
+    return nn.Sequential(
+        nn.Conv1d(channels, 64, 7, padding=3), nn.BatchNorm1d(64), nn.ReLU(),
+        nn.Conv1d(64, 64, 5, stride=2, padding=2), nn.GroupNorm(8, 64), nn.ReLU(),
+        nn.Conv1d(64, 128, 3, stride=2, padding=1), nn.BatchNorm1d(128), nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(128, 10),
+    )
+
+
+def tabular_mlp(features: int) -> nn.Module:
+    """An MLP for tabular data with BatchNorm1d after each hidden layer."""
+    return nn.Sequential(
+        nn.Linear(features, 256), nn.BatchNorm1d(256), nn.ReLU(),
+        nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10),
+    )
+
+
+# label, model, input maker (n, generator) -> float32 array, pool size, sub-pool of (d)
+CASES = [
+    ("transformer, vocabulary 30,000, 64 tokens", lambda: TextTransformer(30_000, 64),
+     lambda n, rng: np.where(np.arange(64) < 50, rng.integers(1, 30_000, (n, 64)), 0).astype(np.float32), 512, 64),
+    ("1-D CNN, 8 x 256 series", lambda: series_cnn(8), lambda n, rng: rng.normal(size=(n, 8, 256)).astype(np.float32), 1024, 128),
+    ("tabular MLP + BatchNorm1d, 64 features", lambda: tabular_mlp(64), lambda n, rng: rng.normal(size=(n, 64)).astype(np.float32), 8192, 1024),
+]
+PATHS = ("inference", "all", "general", "vmap")
+
+
+def _setup(case: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    _, make, draw, n, n_sub = CASES[case]
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = make()
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        model(torch.from_numpy(draw(32, rng)))
+    model.eval()
+    X, X_lab, y_lab = draw(n, rng), draw(N_LABELED, rng), rng.integers(0, 10, N_LABELED)
+    G = param_grad_sum(model, X_lab, y_lab, CHUNK)["G_S"]
+    fast = ParamGradStats(model, G)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that names the general path's layers
+        general = ParamGradStats(model, G)
+        general._plan(exclude=[name for name, m in model.named_modules() if isinstance(m, NEW_LAYERS)])
+        general.forward_batch = CHUNK  # passes split only for convolutions, as before
+
+    def scores(stats: ParamGradStats, Xs: np.ndarray) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parts = [stats(torch.from_numpy(Xs[i : i + CHUNK])) for i in range(0, len(Xs), CHUNK)]
+        return torch.cat([norm + 2 * cross for norm, cross in parts])
+
+    def inference(batch: int) -> None:
+        with torch.no_grad():
+            for i in range(0, n, batch):
+                model(torch.from_numpy(X[i : i + batch]))
+
+    runs = {
+        **{f"inference/{b}": (lambda b=b: inference(b)) for b in INFERENCE_BATCHES},
+        "all": lambda: scores(fast, X),
+        "general": lambda: scores(general, X),
+        "vmap": lambda: vmap_path(model, X[:n_sub], 16, G),
+    }
+    scale = {p: n / n_sub if p == "vmap" else 1.0 for p in runs}
+
+    def check() -> None:
+        """Fail unless (g) and (d) give (c)'s scores on the sub-pool."""
+        ref = scores(fast, X[:n_sub])
+        for name, other in (("general", scores(general, X[:n_sub])), ("vmap", vmap_path(model, X[:n_sub], 16, G).double())):
+            diff = float((other - ref).abs().max() / ref.abs().max())
+            if not diff <= 1e-4:
+                raise AssertionError(f"{name} scores differ from dynal's by {diff:.1e} (relative)")
+
+    return {"runs": runs, "scale": scale, "model": model, "check": check}
+
+
+def timings(case: int, threads: int, rounds: int) -> dict:
+    setup = _setup(case, threads)
+    setup["check"]()
+    best = {p: float("inf") for p in setup["runs"]}
+    for _ in range(rounds):
+        for path, run in setup["runs"].items():
+            start = time.perf_counter()
+            run()
+            best[path] = min(best[path], (time.perf_counter() - start) * setup["scale"][path])
+    fastest = min((p for p in best if p.startswith("inference/")), key=best.get)
+    n_params = sum(p.numel() for p in setup["model"].parameters())
+    return {**best, "inference": best[fastest], "inference_path": fastest, "params": n_params}
+
+
+def peak_memory(case: int, path: str, threads: int) -> int:
+    setup = _setup(case, threads)
+    with Measure() as m:
+        setup["runs"][path]()
+    return m.peak_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = parser.parse_args()
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+    lines = [
+        f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; labeled set M = {N_LABELED}, "
+        f"chunks of {CHUNK}; (d) runs on the sub-pool in chunks of 16 and is scaled to the pool; memory is the growth "
+        "of resident memory in a fresh process (the first call included).",
+        "",
+        "| model | params | pool | sub-pool (d) | (a) inference /s (batch) | (c) all /s | (g) general /s | (d) vmap /s "
+        "| (c)/(a) time | (g)/(c) time | (d)/(c) time | peak MB (a) / (c) / (g) / (d) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case, (label, _, _, n, n_sub) in enumerate(CASES):
+        t = pool.submit(timings, case, args.threads, args.rounds).result()
+        mems = [pool.submit(peak_memory, case, t["inference_path"] if p == "inference" else p, args.threads).result() for p in PATHS]
+        rate = lambda p: f"{n / t[p]:,.0f}"  # noqa: E731
+        lines.append(
+            f"| {label} | {t['params'] / 1e6:.2f}M | {n} | {n_sub} | {rate('inference')} ({t['inference_path'].split('/')[1]}) | "
+            f"{rate('all')} | {rate('general')} | {rate('vmap')} | {t['all'] / t['inference']:.2f}x | "
+            f"{t['general'] / t['all']:.1f}x | {t['vmap'] / t['all']:.1f}x | {' / '.join(f'{m / 2**20:.0f}' for m in mems)} |"
+        )
+        print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        write_report(args.out, "params='all' on sequence, text and tabular models",
+                     f"python benchmarks/sequence_layers.py --threads {args.threads} --rounds {args.rounds} --out {args.out}", text)
+
+
+if __name__ == "__main__":
+    main()
