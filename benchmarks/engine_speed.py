@@ -240,14 +240,21 @@ def timings(case: int, threads: int, rounds: int) -> dict[str, float | None]:
     in separate runs)."""
     setup = _setup(case, threads)
     check_agreement(setup)
-    best = {p: float("inf") for p in setup["runs"]}
+    best = best_times(setup["runs"], setup["scale"], rounds)
+    return {**{p: best.get(p) for p in PATHS}, "inference": best["inference"], "inference_path": best["inference_path"]}
+
+
+def best_times(runs: dict, scale: dict[str, float], rounds: int) -> dict:
+    """Best seconds of each run (times its scale) over ``rounds`` interleaved rounds, plus
+    ``inference``, the best of the ``inference/<batch>`` runs, and ``inference_path``, its name."""
+    best = {p: float("inf") for p in runs}
     for _ in range(rounds):
-        for path, run in setup["runs"].items():
+        for path, run in runs.items():
             start = time.perf_counter()
             run()
-            best[path] = min(best[path], (time.perf_counter() - start) * setup["scale"][path])
+            best[path] = min(best[path], (time.perf_counter() - start) * scale[path])
     fastest = min((p for p in best if p.startswith("inference/")), key=best.get)
-    return {**{p: best.get(p) for p in PATHS}, "inference": best[fastest], "inference_path": fastest}
+    return {**best, "inference": best[fastest], "inference_path": fastest}
 
 
 def peak_memory(case: int, path: str, threads: int, n_pool: int | None = None, budget: int = BUDGET) -> tuple[float, int] | None:
@@ -260,13 +267,19 @@ def peak_memory(case: int, path: str, threads: int, n_pool: int | None = None, b
     return m.seconds, m.peak_bytes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_cli(doc: str, rounds: int) -> tuple[argparse.Namespace, ProcessPoolExecutor]:
+    """The benchmarks' options (--threads, --rounds, --out), and a pool running each task in a
+    fresh process."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per model (best is kept)")
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved timing rounds per model (best is kept)")
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
-    args = parser.parse_args()
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+    return parser.parse_args(), pool
+
+
+def main() -> None:
+    args, pool = bench_cli(__doc__, rounds=5)
     lines = [
         f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; budget b = {BUDGET}, labeled set "
         f"M = {N_LABELED}. Times: per model one fresh process runs the paths interleaved, {args.rounds} rounds, "

@@ -20,16 +20,12 @@ Usage: python benchmarks/sequence_layers.py [--threads 2] [--rounds 3] [--out be
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing
 import platform
-import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
-from engine_speed import vmap_path, write_report
+from engine_speed import bench_cli, best_times, vmap_path, write_report
 from torch import nn
 from torch.nn import functional as F
 
@@ -159,15 +155,8 @@ def _setup(case: int, threads: int) -> dict:
 def timings(case: int, threads: int, rounds: int) -> dict:
     setup = _setup(case, threads)
     setup["check"]()
-    best = {p: float("inf") for p in setup["runs"]}
-    for _ in range(rounds):
-        for path, run in setup["runs"].items():
-            start = time.perf_counter()
-            run()
-            best[path] = min(best[path], (time.perf_counter() - start) * setup["scale"][path])
-    fastest = min((p for p in best if p.startswith("inference/")), key=best.get)
-    n_params = sum(p.numel() for p in setup["model"].parameters())
-    return {**best, "inference": best[fastest], "inference_path": fastest, "params": n_params}
+    best = best_times(setup["runs"], setup["scale"], rounds)
+    return {**best, "params": sum(p.numel() for p in setup["model"].parameters())}
 
 
 def peak_memory(case: int, path: str, threads: int) -> int:
@@ -178,12 +167,7 @@ def peak_memory(case: int, path: str, threads: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=None, help="also write the table to this markdown file")
-    args = parser.parse_args()
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+    args, pool = bench_cli(__doc__, rounds=3)
     lines = [
         f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; labeled set M = {N_LABELED}, "
         f"chunks of {CHUNK}; (d) runs on the sub-pool in chunks of 16 and is scaled to the pool; memory is the growth "
