@@ -18,7 +18,7 @@ def _flat_grad(model, x, label):
     params = [p for p in model.parameters() if p.requires_grad]  # a tied parameter once
     loss = F.cross_entropy(model(x[None]), torch.tensor([label]))
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)]).double()
+    return torch.cat([(torch.zeros_like(p) if g is None else g.to_dense()).flatten() for g, p in zip(grads, params)]).double()
 
 
 def _reference(model, X_lab, y_lab, X_pool, pseudo_label="argmax"):
@@ -635,6 +635,70 @@ def test_bfloat16_models_keep_the_fast_path():
     model.double()  # the same weights, which bfloat16 holds exactly
     ref_norm = [float(_flat_grad(model, xi, int(k)).square().sum()) for xi, k in zip(x, labels)]
     np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=5e-2)
+
+
+@pytest.mark.parametrize("norm", ["layer", "group", "batch1d", "batch2d"])
+def test_float32_norm_layers_in_a_bfloat16_model_keep_the_fast_path(norm):
+    torch.manual_seed(20)
+    make = {
+        "layer": lambda: nn.LayerNorm([4, 3, 3]),
+        "group": lambda: nn.GroupNorm(2, 4),
+        "batch1d": lambda: nn.BatchNorm1d(4),
+        "batch2d": lambda: nn.BatchNorm2d(4),
+    }[norm]
+    layer = nn.Sequential(nn.Flatten(2), make(), nn.Unflatten(2, (3, 3))) if norm == "batch1d" else make()
+    inner = nn.Sequential(nn.Conv2d(1, 4, 3), layer, nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))
+    inner = _with_running_stats(inner, (1, 5, 5)).bfloat16()
+    layer.float()  # the common "float32 norms" pattern: bfloat16 in and out, float32 parameters
+
+    class BFloat16Model(nn.Module):  # float32 inputs and logits, as dynal stores and scores them
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.bfloat16()).float()
+
+    model = BFloat16Model()
+    X_lab, y_lab, X_pool = torch.randn(6, 1, 5, 5), torch.randint(0, 3, (6,)), torch.randn(5, 1, 5, 5)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = ParamGradStats(model, G)
+        norm_sq, cross = stats(X_pool)
+    assert stats.checked and not stats.other
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
+    np.testing.assert_allclose(norm_sq.numpy(), ref_norm, rtol=5e-2)
+    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=5e-2, atol=5e-2 * np.abs(ref_cross).max())
+
+
+def test_a_sparse_embedding_on_the_general_path_gives_its_per_sample_gradients():
+    class TwiceEmbedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 4, sparse=True), nn.Linear(4, 3)
+
+        def forward(self, x):  # one table for two fields: runs twice, so not covered
+            return self.head((self.emb(x) + self.emb(x.flip(1))).mean(1))
+
+    torch.manual_seed(21)
+    X_lab, y_lab, X_pool = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,)), torch.randint(0, 7, (4, 6))
+    stats, message = _check_against_reference(TwiceEmbedded(), X_lab, y_lab, X_pool)
+    assert "layer emb (Embedding) runs 2 times" in message
+
+
+def test_a_layer_run_on_each_unbatched_sample_is_named_by_the_axis_that_differs():
+    class PerSample(nn.Module):  # Conv1d on each (C, L) sample: with one sample, only the output's axis differs
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv1d(1, 4, 3), nn.Linear(20, 3)
+
+        def forward(self, x):
+            return self.head(torch.stack([self.conv(xi).flatten() for xi in x]))
+
+    torch.manual_seed(22)
+    stats, message = _check_against_reference(PerSample(), torch.randn(3, 1, 7), torch.tensor([0, 1, 2]), torch.randn(1, 1, 7))
+    assert "conv (Conv1d) gives outputs of shape (4, 5), whose first axis is not the batch's 1 samples" in message
 
 
 def test_the_check_runs_once_when_the_covered_layers_get_no_gradient():

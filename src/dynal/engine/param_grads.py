@@ -175,7 +175,7 @@ def _single_sample_grads(model: nn.Module, x: torch.Tensor, r: torch.Tensor, par
         with torch.enable_grad():
             out = model(x[i : i + 1])
             grads = torch.autograd.grad((out[0] * r[i]).sum(), list(params), allow_unused=True)
-        rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+        rows.append([torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g for g, p in zip(grads, params)])
     return rows
 
 
@@ -322,7 +322,13 @@ def _conv1d_stats(m: nn.Conv1d, a: torch.Tensor, d: torch.Tensor, G: dict[str, t
 
 
 def _affine_stats(g_weight: torch.Tensor, g_bias: torch.Tensor | None, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Norm and cross term from per-sample weight and bias gradients, each (n, parameter size)."""
+    """Norm and cross term from per-sample weight and bias gradients, each (n, parameter size),
+    in the wider of their dtype and ``G``'s (a float32 norm layer in a bfloat16 model gets
+    bfloat16 inputs and output gradients, and its ``G`` is float32)."""
+    if G is not None:
+        dtype = torch.promote_types(g_weight.dtype, G["weight"].dtype)
+        g_weight = g_weight.to(dtype)
+        g_bias = g_bias.to(dtype) if g_bias is not None else None
     norm = g_weight.pow(2).sum(1)
     cross = g_weight @ G["weight"].flatten() if G is not None else None
     if g_bias is not None:
@@ -334,8 +340,11 @@ def _affine_stats(g_weight: torch.Tensor, g_bias: torch.Tensor | None, G: dict[s
 
 def _bn_stats(m: nn.modules.batchnorm._BatchNorm, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     # g_gamma = sum d * (a - mean) / std = (sum d * a - mean * g_beta) / std over the positions,
-    # with no normalized copy of the activations
+    # with no normalized copy of the activations; in at least float32, as the difference cancels
+    # the digits that the mean shares with the activations (too many for bfloat16 sums)
     n, c = d.shape[:2]
+    wide = torch.promote_types(d.dtype, torch.float32)
+    a, d = a.to(wide), d.to(wide)
     g_bias = d.reshape(n, c, -1).sum(2)
     g_weight = ((d * a).reshape(n, c, -1).sum(2) - m.running_mean * g_bias) * torch.rsqrt(m.running_var + m.eps)
     return _affine_stats(g_weight, g_bias, G)
@@ -514,8 +523,10 @@ class ParamGradStats:
         for (name, _), rec in zip(self.covered, records):
             if len(rec) != 3:
                 odd[name] = f"runs {len(rec) // 3} times per forward pass"
-            elif rec[0].shape[:1] != (n,) or rec[1].shape[:1] != (n,):
+            elif rec[0].shape[:1] != (n,):
                 odd[name] = f"gets inputs of shape {tuple(rec[0].shape)}, whose first axis is not the batch's {n} samples"
+            elif rec[1].shape[:1] != (n,):
+                odd[name] = f"gives outputs of shape {tuple(rec[1].shape)}, whose first axis is not the batch's {n} samples"
         if odd:
             self._demote(odd)
             return self._batch(x, pseudo_label)
@@ -552,7 +563,7 @@ class ParamGradStats:
                 wrong = self._disagreeing(x, r, layers)
                 self.checked = wrong is not None  # None: r is zero on this batch, check the next
                 if wrong:
-                    self._demote(dict.fromkeys(wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, or its output changed by a hook?)"))
+                    self._demote(dict.fromkeys(wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, its output changed by a hook, or its first axis not the samples?)"))
                     return self._batch(x, pseudo_label)
             if self.other:
                 n_o, c_o = self._other_stats(x, r)
