@@ -620,6 +620,20 @@ def test_passes_are_split_so_the_largest_layer_output_stays_near_the_cache_size(
     np.testing.assert_allclose(split[0].numpy(), ref_norm, rtol=1e-4)
 
 
+def test_the_labeled_gradient_sum_is_taken_in_passes_of_the_cache_size(monkeypatch):
+    torch.manual_seed(23)
+    model = TextNet().eval()
+    X, y = _tokens(10).numpy(), np.random.default_rng(0).integers(0, 3, 10)
+    whole = param_grad_sum(model, X, y, batch_size=10)["G_S"]
+    monkeypatch.setattr("dynal.engine.modes._ACTIVATION_BYTES", 3 * 9 * 6 * 4)  # 3 samples per pass
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    split = param_grad_sum(model, X, y, batch_size=10)["G_S"]
+    assert calls == [2, 3, 3, 3, 1]  # the two-sample measurement, then passes of at most 3
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_models_keep_the_fast_path():
     torch.manual_seed(17)
     model = _with_running_stats(SmallCNN((1, 6, 6), 3, width=4, hidden=8), (1, 6, 6))

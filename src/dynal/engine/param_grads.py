@@ -131,11 +131,15 @@ def param_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: i
     """``G_S``: the labeled set's summed true-label loss gradient over all trainable parameters.
 
     Computed in eval mode in mini-batches with sum reduction (the same vector as a loop over
-    single samples), also under ``torch.no_grad`` or ``torch.inference_mode``. Returned as
-    ``{"G_S": {parameter name: tensor}}``.
+    single samples), of at most ``batch_size`` samples and at most as many as keep the largest
+    layer output near 8 MB (see :func:`dynal.engine.modes.forward_batch`), so the autograd
+    graph's memory is bounded by the model; also under ``torch.no_grad`` or
+    ``torch.inference_mode``. Returned as ``{"G_S": {parameter name: tensor}}``.
     """
     check_per_sample(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if len(X):
+        batch_size = min(batch_size, forward_batch(model, torch.from_numpy(np.ascontiguousarray(X[:batch_size])), run=model))
     with torch.inference_mode(False):
         total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
         for i in range(0, len(X), batch_size):
