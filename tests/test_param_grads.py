@@ -87,14 +87,15 @@ class TokenNet(nn.Module):
 
 class TextNet(nn.Module):
     """The layers of text and sequence models: an Embedding with a padding token, LayerNorms
-    (one without bias), a per-position Linear, a Conv1d, a GroupNorm and BatchNorm1d on
-    sequences (N, C, T) and on vectors (N, C)."""
+    (one without bias), a per-position Linear, an RMSNorm, a Conv1d, a GroupNorm and BatchNorm1d
+    on sequences (N, C, T) and on vectors (N, C)."""
 
     def __init__(self, vocab=11, dim=6):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
         self.norm = nn.LayerNorm(dim)
         self.mix = nn.Linear(dim, dim)
+        self.rms = nn.RMSNorm(dim)
         self.conv = nn.Conv1d(dim, 4, 3, padding=1, dilation=1, stride=1)
         self.group = nn.GroupNorm(2, 4)
         self.bn_seq = nn.BatchNorm1d(4)
@@ -103,7 +104,7 @@ class TextNet(nn.Module):
         self.head = nn.Linear(4, 3)
 
     def features(self, x):
-        h = F.gelu(self.mix(self.norm(self.embed(x))))  # N x T x dim
+        h = self.rms(F.gelu(self.mix(self.norm(self.embed(x)))))  # N x T x dim
         h = torch.tanh(self.bn_seq(self.group(self.conv(h.transpose(1, 2)))))  # N x 4 x T
         return self.out_norm(torch.tanh(self.bn_vec(h.mean(2))))
 
@@ -455,7 +456,7 @@ class LearnedPositions(TextNet):
 
     def features(self, x):
         h = self.embed(x) + self.position(torch.arange(x.shape[1]))
-        h = F.gelu(self.mix(self.norm(h)))
+        h = self.rms(F.gelu(self.mix(self.norm(h))))
         h = torch.tanh(self.bn_seq(self.group(self.conv(h.transpose(1, 2)))))
         return self.out_norm(torch.tanh(self.bn_vec(h.mean(2))))
 
@@ -651,11 +652,13 @@ def test_bfloat16_models_keep_the_fast_path():
     np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=5e-2)
 
 
-@pytest.mark.parametrize("norm", ["layer", "group", "batch1d", "batch2d"])
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's own, for RMSNorm
+@pytest.mark.parametrize("norm", ["layer", "rms", "group", "batch1d", "batch2d"])
 def test_float32_norm_layers_in_a_bfloat16_model_keep_the_fast_path(norm):
     torch.manual_seed(20)
     make = {
         "layer": lambda: nn.LayerNorm([4, 3, 3]),
+        "rms": lambda: nn.RMSNorm([3, 3]),
         "group": lambda: nn.GroupNorm(2, 4),
         "batch1d": lambda: nn.BatchNorm1d(4),
         "batch2d": lambda: nn.BatchNorm2d(4),

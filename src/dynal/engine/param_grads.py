@@ -18,8 +18,8 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
 - ``nn.Conv1d`` as a ``Conv2d`` of height one.
 - ``nn.BatchNorm1d/2d/3d`` in eval mode: ``g_gamma = sum delta * xhat`` and ``g_beta = sum delta``
   over the positions, with ``xhat`` normalized by the running statistics; exact per sample (the
-  official code's chunk-mean shortcut is not used). ``nn.LayerNorm`` and ``nn.GroupNorm`` alike,
-  with ``xhat`` the layer's own normalization of the sample's input.
+  official code's chunk-mean shortcut is not used). ``nn.LayerNorm``, ``nn.RMSNorm`` and
+  ``nn.GroupNorm`` alike, with ``xhat`` the layer's own normalization of the sample's input.
 - ``nn.Embedding``: ``g`` has one row per distinct token of the sample, the sum of the output
   gradients at that token's positions (none for ``padding_idx``).
 
@@ -57,7 +57,7 @@ _CACHE_ELEMENTS = 1 << 19
 def _covered(module: nn.Module) -> bool:
     """Whether the fast path computes this module's per-sample gradients exactly: a plain
     ``Linear``, ``Conv1d``/``Conv2d`` (zero padding, one group), eval-mode ``BatchNorm1d/2d/3d``
-    (running statistics), ``LayerNorm``, ``GroupNorm`` or ``Embedding`` (no ``max_norm``) whose
+    (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` or ``Embedding`` (no ``max_norm``) whose
     only parameters are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
     cls = next((c for c in _FAST if isinstance(module, c)), None)
     if cls is None or any(getattr(type(module), f) is not getattr(cls, f) for f in _FAST[cls][1]):
@@ -354,15 +354,19 @@ def _bn_stats(m: nn.modules.batchnorm._BatchNorm, a: torch.Tensor, d: torch.Tens
     return _affine_stats(g_weight, g_bias, G)
 
 
-def _norm_stats(m: nn.LayerNorm | nn.GroupNorm, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm (parameters on the last axes, summed over the others) and GroupNorm (parameters
-    per channel, summed over the positions): ``xhat`` is the layer's own normalization of ``a``."""
+def _norm_stats(m: nn.LayerNorm | nn.RMSNorm | nn.GroupNorm, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm and RMSNorm (parameters on the last axes, summed over the others) and GroupNorm
+    (parameters per channel, summed over the positions): ``xhat`` is the layer's own
+    normalization of ``a``."""
     n = len(d)
-    if isinstance(m, nn.LayerNorm):
-        xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        if isinstance(m, nn.LayerNorm):
+            xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+        else:
+            xhat = F.rms_norm(a, m.normalized_shape, None, m.eps)
         shape = (n, -1, m.weight.numel())
         g_weight = (d * xhat).reshape(shape).sum(1)
-        g_bias = d.reshape(shape).sum(1) if m.bias is not None else None
+        g_bias = d.reshape(shape).sum(1) if getattr(m, "bias", None) is not None else None
     else:
         xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
         shape = (n, m.num_channels, -1)
@@ -401,6 +405,7 @@ _FAST = {
     nn.BatchNorm2d: (_bn_stats, ("forward",)),
     nn.BatchNorm3d: (_bn_stats, ("forward",)),
     nn.LayerNorm: (_norm_stats, ("forward",)),
+    nn.RMSNorm: (_norm_stats, ("forward",)),
     nn.GroupNorm: (_norm_stats, ("forward",)),
     nn.Embedding: (_embedding_stats, ("forward",)),
 }
