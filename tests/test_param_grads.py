@@ -614,7 +614,8 @@ def test_passes_are_split_so_the_largest_layer_output_stays_near_the_cache_size(
     model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
     stats = ParamGradStats(model, G)
     split = stats(X_pool)
-    assert stats.forward_batch == 3 and calls[0] == 2 and max(calls[1:]) == 3 and calls[1:].count(3) >= 3
+    assert stats.forward_batch == 3 and calls[0] == 2  # the two-sample measurement
+    assert [c for c in calls[1:] if c > 1] == [3, 3, 2, 2]  # equal parts (the check's passes take 1)
     for a, b in zip(split, whole):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)

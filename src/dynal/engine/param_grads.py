@@ -515,8 +515,8 @@ class ParamGradStats:
             if self.forward_batch is None and len(x):
                 self.forward_batch = forward_batch(self.model, x, run=self.model)
             size = min(self.forward_batch or len(x), self.conv_batch or len(x))
-            if len(x) > size:
-                parts = [self._batch(xs, pseudo_label) for xs in x.split(size)]
+            if len(x) > size:  # equal parts, as the pool scan's: no small remainder pass
+                parts = [self._batch(xs, pseudo_label) for xs in x.tensor_split(-(-len(x) // size))]
                 return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
             return self._batch(x, pseudo_label)
 
