@@ -35,6 +35,14 @@ def _reference(model, X_lab, y_lab, X_pool, pseudo_label="argmax"):
     return np.array(norms), np.array(cross)
 
 
+def _assert_reference(norm, cross, model, X_lab, y_lab, X_pool, rtol=1e-4):
+    """``norm`` and ``cross`` equal the one-sample autograd reference to ``rtol`` (the cross term
+    also to ``rtol`` of its largest value)."""
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=rtol)
+    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=rtol, atol=rtol * np.abs(ref_cross).max())
+
+
 def _draw(spec, n):
     """``n`` inputs: ``spec(n)`` for a callable, else standard normal of shape ``spec``."""
     return spec(n) if callable(spec) else torch.randn(n, *spec)
@@ -182,9 +190,7 @@ def test_uncovered_layers_fall_back_with_a_warning_and_in_place_ops_are_handled(
     assert [name for name, _ in stats.covered] == ["fc", "norm", "head"]
     norm, cross = stats(X_pool)
     assert stats.clone_outputs  # the in-place ReLU after fc was detected
-    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
-    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
-    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
 
 
 @pytest.mark.parametrize("dims", [1, 2])
@@ -218,9 +224,7 @@ def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions(dims):
         stats = ParamGradStats(model, G)
         norm, cross = stats(X_pool)
     assert stats.checked and not stats.other
-    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
-    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
-    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
 
 
 class HeadOnly(nn.Module):
@@ -332,9 +336,7 @@ def _check_against_reference(model, X_lab, y_lab, X_pool, n_classes=3):
         warnings.simplefilter("always")
         stats = ParamGradStats(model, G)
         norm, cross = stats(X_pool)
-    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
-    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
-    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
     return stats, " ".join(str(w.message) for w in caught)
 
 
@@ -558,9 +560,7 @@ def test_the_first_batch_check_waits_for_a_batch_with_gradients():
     with pytest.warns(UserWarning, match=r"layer a \(Linear\)"):
         norm, cross = stats(X_pool)
     assert stats.checked and "a" not in dict(stats.covered)
-    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
-    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
-    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
 
 
 def test_a_layer_called_with_a_keyword_input_keeps_the_fast_path():
@@ -685,9 +685,7 @@ def test_float32_norm_layers_in_a_bfloat16_model_keep_the_fast_path(norm):
         stats = ParamGradStats(model, G)
         norm_sq, cross = stats(X_pool)
     assert stats.checked and not stats.other
-    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
-    np.testing.assert_allclose(norm_sq.numpy(), ref_norm, rtol=5e-2)
-    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=5e-2, atol=5e-2 * np.abs(ref_cross).max())
+    _assert_reference(norm_sq, cross, model, X_lab, y_lab, X_pool, rtol=5e-2)
 
 
 def test_a_sparse_embedding_on_the_general_path_gives_its_per_sample_gradients():
