@@ -227,6 +227,28 @@ def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions(dims):
     _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_paddings_keep_the_fast_path(dims, padding):
+    torch.manual_seed(24)
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    even = 4 if dims == 1 else (2, 4)  # "same" pads the odd one on the right
+    size = (9,) if dims == 1 else (8, 9)
+    layers = [conv(2, 3, even, padding=padding), nn.Tanh(), conv(3, 8, 3, padding=padding, dilation=2), nn.Tanh()]
+    layers += [conv(8, 40, 2, padding=padding), nn.Tanh(), nn.Flatten()]  # few positions: the Gram form
+    body = nn.Sequential(*layers)
+    model = nn.Sequential(body, nn.Linear(body(torch.zeros(1, 2, *size)).shape[1], 3)).eval()
+    X_lab, y_lab, X_pool = torch.randn(4, 2, *size), torch.tensor([0, 1, 2, 1]), torch.randn(5, 2, *size)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer has the fast path
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool)
+    assert stats.checked and not stats.other
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+
+
 class HeadOnly(nn.Module):
     """Parameters only in the head: features are a fixed nonlinearity (or a frozen layer)."""
 

@@ -15,7 +15,7 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
   ``<g, G_W> = delta^T G_W a`` (bias: ``delta``).
 - ``nn.Conv2d`` (zero padding, one group): ``g = sum_p delta_p u_p^T`` over output positions
   ``p`` with ``u_p`` the unfolded input patch, computed as one batched matrix product.
-- ``nn.Conv1d`` as a ``Conv2d`` of height one.
+- ``nn.Conv1d`` as a ``Conv2d`` of height one; string paddings as the zeros they add.
 - ``nn.BatchNorm1d/2d/3d`` in eval mode: ``g_gamma = sum delta * xhat`` and ``g_beta = sum delta``
   over the positions, with ``xhat`` normalized by the running statistics; exact per sample (the
   official code's chunk-mean shortcut is not used). ``nn.LayerNorm``, ``nn.RMSNorm`` and
@@ -56,7 +56,7 @@ _CACHE_ELEMENTS = 1 << 19
 
 def _covered(module: nn.Module) -> bool:
     """Whether the fast path computes this module's per-sample gradients exactly: a plain
-    ``Linear``, ``Conv1d``/``Conv2d`` (zero padding, one group), eval-mode ``BatchNorm1d/2d/3d``
+    ``Linear``, ``Conv1d``/``Conv2d`` (zero padding, also "same", one group), eval-mode ``BatchNorm1d/2d/3d``
     (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` or ``Embedding`` (no ``max_norm``) whose
     only parameters are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
     cls = next((c for c in _FAST if isinstance(module, c)), None)
@@ -66,7 +66,7 @@ def _covered(module: nn.Module) -> bool:
     if "weight" not in names or not names <= {"weight", "bias"} or parametrize.is_parametrized(module):
         return False
     if cls in (nn.Conv1d, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return module.groups == 1 and module.padding_mode == "zeros"
     if issubclass(cls, nn.modules.batchnorm._BatchNorm):
         return module.affine and module.track_running_stats and module.running_var is not None
     if cls is nn.Embedding:
@@ -314,15 +314,25 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
     return norm, cross
 
 
-def _conv1d_stats(m: nn.Conv1d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``Conv1d`` as the ``Conv2d`` of height one that computes the same (duck-typed: only the
-    geometry, weight and bias are read)."""
-    as_2d = SimpleNamespace(
-        kernel_size=(1, *m.kernel_size), stride=(1, *m.stride), padding=(0, *m.padding), dilation=(1, *m.dilation),
-        weight=m.weight.unsqueeze(2), bias=m.bias,
-    )
-    G_2d = None if G is None else {**G, "weight": G["weight"].unsqueeze(2)}
-    return _conv_stats(as_2d, a.unsqueeze(2), d.unsqueeze(2), G_2d)
+def _conv_layer_stats(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``Conv2d``, or a ``Conv1d`` as the ``Conv2d`` of height one that computes the same; a
+    string padding as the zeros it adds to the input ("same": ``dilation (k - 1)`` in all, the
+    odd one on the right, as torch pads). :func:`_conv_stats` reads only the geometry, weight
+    and bias, so the lifted layer is a namespace."""
+    if isinstance(m, nn.Conv2d) and not isinstance(m.padding, str):
+        return _conv_stats(m, a, d, G)
+    padding = m.padding
+    if isinstance(padding, str):
+        total = [dl * (k - 1) if padding == "same" else 0 for k, dl in zip(m.kernel_size, m.dilation)]
+        a = F.pad(a, [p for t in reversed(total) for p in (t // 2, t - t // 2)])
+        padding = (0,) * len(total)
+    weight, geometry = m.weight, (m.kernel_size, m.stride, padding, m.dilation)
+    if isinstance(m, nn.Conv1d):  # height one
+        a, d, weight = a.unsqueeze(2), d.unsqueeze(2), weight.unsqueeze(2)
+        G = None if G is None else {**G, "weight": G["weight"].unsqueeze(2)}
+        geometry = tuple((one, *g) for one, g in zip((1, 1, 0, 1), geometry))
+    as_2d = SimpleNamespace(**dict(zip(("kernel_size", "stride", "padding", "dilation"), geometry)), weight=weight, bias=m.bias)
+    return _conv_stats(as_2d, a, d, G)
 
 
 def _affine_stats(g_weight: torch.Tensor, g_bias: torch.Tensor | None, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,8 +409,8 @@ def _zero_stats(n: int, dtype: torch.dtype, cross: bool) -> tuple[torch.Tensor, 
 # override (a subclass that computes something else, weight standardization say, is not covered).
 _FAST = {
     nn.Linear: (_linear_stats, ("forward",)),
-    nn.Conv1d: (_conv1d_stats, ("forward", "_conv_forward")),
-    nn.Conv2d: (_conv_stats, ("forward", "_conv_forward")),
+    nn.Conv1d: (_conv_layer_stats, ("forward", "_conv_forward")),
+    nn.Conv2d: (_conv_layer_stats, ("forward", "_conv_forward")),
     nn.BatchNorm1d: (_bn_stats, ("forward",)),
     nn.BatchNorm2d: (_bn_stats, ("forward",)),
     nn.BatchNorm3d: (_bn_stats, ("forward",)),
