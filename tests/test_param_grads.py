@@ -43,6 +43,18 @@ def _assert_reference(norm, cross, model, X_lab, y_lab, X_pool, rtol=1e-4):
     np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=rtol, atol=rtol * np.abs(ref_cross).max())
 
 
+def _check_fast_path(model, X_lab, y_lab, X_pool, rtol=1e-4):
+    """Every layer of ``model`` keeps the fast path (no warning, nothing on the general path)
+    and its statistics equal the one-sample reference."""
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool)
+    assert stats.checked and not stats.other
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool, rtol)
+
+
 def _draw(spec, n):
     """``n`` inputs: ``spec(n)`` for a callable, else standard normal of shape ``spec``."""
     return spec(n) if callable(spec) else torch.randn(n, *spec)
@@ -218,13 +230,7 @@ def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions(dims):
     model = ConvNet().eval()
     shape = (1, 7) if dims == 1 else (1, 7, 7)
     X_lab, y_lab, X_pool = torch.randn(4, *shape), torch.tensor([0, 1, 2, 1]), torch.randn(5, *shape)
-    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every layer has the fast path
-        stats = ParamGradStats(model, G)
-        norm, cross = stats(X_pool)
-    assert stats.checked and not stats.other
-    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+    _check_fast_path(model, X_lab, y_lab, X_pool)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
@@ -240,13 +246,7 @@ def test_string_paddings_keep_the_fast_path(dims, padding):
     body = nn.Sequential(*layers)
     model = nn.Sequential(body, nn.Linear(body(torch.zeros(1, 2, *size)).shape[1], 3)).eval()
     X_lab, y_lab, X_pool = torch.randn(4, 2, *size), torch.tensor([0, 1, 2, 1]), torch.randn(5, 2, *size)
-    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every layer has the fast path
-        stats = ParamGradStats(model, G)
-        norm, cross = stats(X_pool)
-    assert stats.checked and not stats.other
-    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+    _check_fast_path(model, X_lab, y_lab, X_pool)
 
 
 class HeadOnly(nn.Module):
@@ -701,13 +701,7 @@ def test_float32_norm_layers_in_a_bfloat16_model_keep_the_fast_path(norm):
 
     model = BFloat16Model()
     X_lab, y_lab, X_pool = torch.randn(6, 1, 5, 5), torch.randint(0, 3, (6,)), torch.randn(5, 1, 5, 5)
-    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        stats = ParamGradStats(model, G)
-        norm_sq, cross = stats(X_pool)
-    assert stats.checked and not stats.other
-    _assert_reference(norm_sq, cross, model, X_lab, y_lab, X_pool, rtol=5e-2)
+    _check_fast_path(model, X_lab, y_lab, X_pool, rtol=5e-2)
 
 
 def test_a_sparse_embedding_on_the_general_path_gives_its_per_sample_gradients():
