@@ -149,6 +149,13 @@ MODELS = {
         ),
         (2, 6, 6),
     ),
+    "instance": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.Tanh(), nn.Flatten(2),
+            nn.InstanceNorm1d(4, affine=True, track_running_stats=True), nn.Flatten(), nn.Linear(64, 3),
+        ),
+        (2, 6, 6),
+    ),
     "bn3d": (lambda: nn.Sequential(nn.BatchNorm3d(2), nn.Flatten(), nn.Linear(2 * 3 * 2 * 2, 3)), (2, 3, 2, 2)),
     "tokens": (TokenNet, (7, 3)),
     "cnn-bn": (lambda: SmallCNN((2, 9, 9), 3, width=4, hidden=8), (2, 9, 9)),

@@ -18,8 +18,9 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
 - ``nn.Conv1d`` as a ``Conv2d`` of height one; string paddings as the zeros they add.
 - ``nn.BatchNorm1d/2d/3d`` in eval mode: ``g_gamma = sum delta * xhat`` and ``g_beta = sum delta``
   over the positions, with ``xhat`` normalized by the running statistics; exact per sample (the
-  official code's chunk-mean shortcut is not used). ``nn.LayerNorm``, ``nn.RMSNorm`` and
-  ``nn.GroupNorm`` alike, with ``xhat`` the layer's own normalization of the sample's input.
+  official code's chunk-mean shortcut is not used). ``nn.LayerNorm``, ``nn.RMSNorm``,
+  ``nn.GroupNorm`` and ``nn.InstanceNorm1d/2d/3d`` alike, with ``xhat`` the layer's own
+  normalization of the sample's input (or running statistics, as in BatchNorm).
 - ``nn.Embedding``: ``g`` has one row per distinct token of the sample, the sum of the output
   gradients at that token's positions (none for ``padding_idx``).
 
@@ -56,9 +57,10 @@ _CACHE_ELEMENTS = 1 << 19
 
 def _covered(module: nn.Module) -> bool:
     """Whether the fast path computes this module's per-sample gradients exactly: a plain
-    ``Linear``, ``Conv1d``/``Conv2d`` (zero padding, also "same", one group), eval-mode ``BatchNorm1d/2d/3d``
-    (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` or ``Embedding`` (no ``max_norm``) whose
-    only parameters are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
+    ``Linear``, ``Conv1d``/``Conv2d`` (zero padding, also "same", one group), eval-mode
+    ``BatchNorm1d/2d/3d`` (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
+    ``InstanceNorm1d/2d/3d`` (affine) or ``Embedding`` (no ``max_norm``) whose only parameters
+    are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
     cls = next((c for c in _FAST if isinstance(module, c)), None)
     if cls is None or any(getattr(type(module), f) is not getattr(cls, f) for f in _FAST[cls][1]):
         return False
@@ -69,6 +71,8 @@ def _covered(module: nn.Module) -> bool:
         return module.groups == 1 and module.padding_mode == "zeros"
     if issubclass(cls, nn.modules.batchnorm._BatchNorm):
         return module.affine and module.track_running_stats and module.running_var is not None
+    if issubclass(cls, nn.modules.instancenorm._InstanceNorm):
+        return module.affine
     if cls is nn.Embedding:
         return module.max_norm is None  # max_norm rescales rows of the weight in place
     return True
@@ -364,11 +368,14 @@ def _bn_stats(m: nn.modules.batchnorm._BatchNorm, a: torch.Tensor, d: torch.Tens
     return _affine_stats(g_weight, g_bias, G)
 
 
-def _norm_stats(m: nn.LayerNorm | nn.RMSNorm | nn.GroupNorm, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm and RMSNorm (parameters on the last axes, summed over the others) and GroupNorm
-    (parameters per channel, summed over the positions): ``xhat`` is the layer's own
-    normalization of ``a``."""
+def _norm_stats(m: nn.LayerNorm | nn.RMSNorm | nn.GroupNorm | nn.modules.instancenorm._InstanceNorm, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm and RMSNorm (parameters on the last axes, summed over the others), GroupNorm
+    and InstanceNorm (parameters per channel, summed over the positions): ``xhat`` is the
+    layer's own normalization of ``a`` (an eval-mode InstanceNorm with running statistics
+    normalizes as BatchNorm does)."""
     n = len(d)
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats and m.running_var is not None:
+        return _bn_stats(m, a, d, G)
     if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
         if isinstance(m, nn.LayerNorm):
             xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
@@ -378,8 +385,11 @@ def _norm_stats(m: nn.LayerNorm | nn.RMSNorm | nn.GroupNorm, a: torch.Tensor, d:
         g_weight = (d * xhat).reshape(shape).sum(1)
         g_bias = d.reshape(shape).sum(1) if getattr(m, "bias", None) is not None else None
     else:
-        xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
-        shape = (n, m.num_channels, -1)
+        if isinstance(m, nn.GroupNorm):
+            xhat, channels = F.group_norm(a, m.num_groups, None, None, m.eps), m.num_channels
+        else:
+            xhat, channels = F.instance_norm(a, eps=m.eps), m.num_features
+        shape = (n, channels, -1)
         g_weight = (d * xhat).reshape(shape).sum(2)
         g_bias = d.reshape(shape).sum(2) if m.bias is not None else None
     return _affine_stats(g_weight, g_bias, G)
@@ -417,6 +427,9 @@ _FAST = {
     nn.LayerNorm: (_norm_stats, ("forward",)),
     nn.RMSNorm: (_norm_stats, ("forward",)),
     nn.GroupNorm: (_norm_stats, ("forward",)),
+    nn.InstanceNorm1d: (_norm_stats, ("forward", "_apply_instance_norm")),
+    nn.InstanceNorm2d: (_norm_stats, ("forward", "_apply_instance_norm")),
+    nn.InstanceNorm3d: (_norm_stats, ("forward", "_apply_instance_norm")),
     nn.Embedding: (_embedding_stats, ("forward",)),
 }
 
