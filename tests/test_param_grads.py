@@ -212,6 +212,19 @@ def test_uncovered_layers_fall_back_with_a_warning_and_in_place_ops_are_handled(
     _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
 
 
+def test_the_general_path_materializes_per_sample_gradients_in_bounded_slices(monkeypatch):
+    torch.manual_seed(25)
+    model = InplaceNet().eval()
+    X_lab, y_lab, X_pool = torch.randn(5, 5), torch.randint(0, 3, (5,)), torch.randn(7, 5)
+    size = sum(p.numel() for name in ("act", "conv") for p in getattr(model, name).parameters())
+    monkeypatch.setattr("dynal.engine.param_grads._BLOCK_ELEMENTS", 2 * size)  # 2 samples per slice
+    slices = []
+    block = ParamGradStats._other_block
+    monkeypatch.setattr(ParamGradStats, "_other_block", lambda self, x, *a: slices.append(len(x)) or block(self, x, *a))
+    stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
+    assert "act (PReLU)" in message and slices == [2, 2, 2, 1]
+
+
 @pytest.mark.parametrize("dims", [1, 2])
 def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions(dims):
     torch.manual_seed(2)

@@ -645,8 +645,16 @@ class ParamGradStats:
 
     def _other_stats(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample statistics of the uncovered parameters via ``vmap(grad)``, or one sample at
-        a time where torch.func cannot run the model."""
+        a time where torch.func cannot run the model; in slices of the batch whose per-sample
+        gradients of those parameters hold at most 2^26 elements (256 MB of float32)."""
         params = dict(self.model.named_parameters())
+        size = sum(params[n].numel() for n in self.other)
+        step = max(1, _BLOCK_ELEMENTS // max(1, size))
+        parts = [self._other_block(x[i : i + step], r[i : i + step], params) for i in range(0, len(x), step)]
+        return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
+
+    def _other_block(self, x: torch.Tensor, r: torch.Tensor, params: dict[str, nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_other_stats` of one slice, its per-sample gradients materialized."""
         g = None
         if not self.loop_fallback:
             buffers = dict(self.model.named_buffers())
