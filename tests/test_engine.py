@@ -393,3 +393,9 @@ def test_a_scan_that_needs_no_features_measures_only_the_gradient_pass():
     # no features measured; the gradient statistics measure their own passes once per query
     assert "forward_batch" not in ctx.cache and calls.count(2) == 1
     assert ctx.cache["param_grad_stats"].forward_batch > 5
+    # with the labeled-set gradient G_S, its measurement serves the pool's passes too
+    strategy, calls[:] = DynamicAL(params="all"), []
+    stats = labeled_stats(model, strategy.labeled, X[:3], np.array([0, 1, 2]))
+    ctx = Context(model, stats, torch.Generator(), strategy.output_options())
+    list(pool_chunks(model, X, np.arange(5), strategy.outputs, ctx, 4))
+    assert calls.count(2) == 1 and ctx.cache["param_grad_stats"].forward_batch == stats["forward_batch"]

@@ -65,3 +65,9 @@ def forward_batch(model: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor
         for h in handles:
             h.remove()
     return max(1, _ACTIVATION_BYTES * len(probe) // largest)
+
+
+def equal_parts(x: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """``x`` split along its first axis into the fewest equal parts (up to one sample) of at
+    most ``size`` samples, so no small remainder pass follows the full ones."""
+    return x.tensor_split(-(-len(x) // size)) if len(x) > size else (x,)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dynal.engine.modes import forward_batch
+from dynal.engine.modes import equal_parts, forward_batch
 from dynal.engine.param_grads import ParamGradStats, check_pseudo_label, param_grad_sum, residuals
 
 
@@ -60,7 +60,7 @@ class Chunk:
         with torch.no_grad():
             if len(self.x) <= batch:
                 return self.model.features(self.x)
-            parts = self.x.tensor_split(-(-len(self.x) // batch))
+            parts = equal_parts(self.x, batch)
             first = self.model.features(parts[0])
             if not isinstance(first, torch.Tensor):
                 return self.model.features(self.x)
@@ -189,7 +189,7 @@ def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
 def _param_grad_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     """All-parameter ``||g_u||^2`` and ``<g_u, G_S>`` (options: ``pseudo_label``)."""
     if "param_grad_stats" not in ctx.cache:
-        ctx.cache["param_grad_stats"] = ParamGradStats(ctx.model, ctx.stats.get("G_S"))
+        ctx.cache["param_grad_stats"] = ParamGradStats(ctx.model, ctx.stats.get("G_S"), ctx.stats.get("forward_batch"))
     norm, cross = ctx.cache["param_grad_stats"](chunk.x, pseudo_label=_pseudo_label(ctx, "param_grad_stats"))
     return {"grad_norm_sq": norm.numpy(), "grad_dot_labeled": cross.numpy()}
 

@@ -45,7 +45,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from dynal.engine.modes import eval_mode, forward_batch
+from dynal.engine.modes import equal_parts, eval_mode, forward_batch
 
 # Largest per-sample-gradient block built at once for one layer, in elements (256 MB of float32).
 _BLOCK_ELEMENTS = 1 << 26
@@ -61,7 +61,7 @@ def _covered(module: nn.Module) -> bool:
     ``BatchNorm1d/2d/3d`` (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
     ``InstanceNorm1d/2d/3d`` (affine) or ``Embedding`` (no ``max_norm``) whose only parameters
     are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
-    cls = next((c for c in _FAST if isinstance(module, c)), None)
+    cls = _fast_class(module)
     if cls is None or any(getattr(type(module), f) is not getattr(cls, f) for f in _FAST[cls][1]):
         return False
     names = {n for n, _ in module.named_parameters(recurse=False)}
@@ -138,12 +138,16 @@ def param_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: i
     single samples), of at most ``batch_size`` samples and at most as many as keep the largest
     layer output near 8 MB (see :func:`dynal.engine.modes.forward_batch`), so the autograd
     graph's memory is bounded by the model; also under ``torch.no_grad`` or
-    ``torch.inference_mode``. Returned as ``{"G_S": {parameter name: tensor}}``.
+    ``torch.inference_mode``. Returned as ``{"G_S": {parameter name: tensor}}``, with the
+    measured ``forward_batch`` for the pool's passes (see :class:`ParamGradStats`) when ``X``
+    is not empty.
     """
     check_per_sample(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    measured = {}
     if len(X):
-        batch_size = min(batch_size, forward_batch(model, torch.from_numpy(np.ascontiguousarray(X[:batch_size])), run=model))
+        measured["forward_batch"] = forward_batch(model, torch.from_numpy(np.ascontiguousarray(X[:batch_size])), run=model)
+        batch_size = min(batch_size, measured["forward_batch"])
     with torch.inference_mode(False):
         total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
         for i in range(0, len(X), batch_size):
@@ -155,7 +159,7 @@ def param_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: i
             for n, g in zip(params, grads):
                 if g is not None:  # None: a parameter the forward pass does not use
                     total[n] += g.double()
-        return {"G_S": {n: g.to(params[n].dtype) for n, g in total.items()}}
+        return {"G_S": {n: g.to(params[n].dtype) for n, g in total.items()}, **measured}
 
 
 def check_pseudo_label(mode: str) -> str:
@@ -376,23 +380,17 @@ def _norm_stats(m: nn.LayerNorm | nn.RMSNorm | nn.GroupNorm | nn.modules.instanc
     n = len(d)
     if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats and m.running_var is not None:
         return _bn_stats(m, a, d, G)
-    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-        if isinstance(m, nn.LayerNorm):
-            xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
-        else:
-            xhat = F.rms_norm(a, m.normalized_shape, None, m.eps)
-        shape = (n, -1, m.weight.numel())
-        g_weight = (d * xhat).reshape(shape).sum(1)
-        g_bias = d.reshape(shape).sum(1) if getattr(m, "bias", None) is not None else None
+    if isinstance(m, nn.LayerNorm):
+        xhat, shape, axis = F.layer_norm(a, m.normalized_shape, None, None, m.eps), (n, -1, m.weight.numel()), 1
+    elif isinstance(m, nn.RMSNorm):
+        xhat, shape, axis = F.rms_norm(a, m.normalized_shape, None, m.eps), (n, -1, m.weight.numel()), 1
+    elif isinstance(m, nn.GroupNorm):
+        xhat, shape, axis = F.group_norm(a, m.num_groups, None, None, m.eps), (n, m.num_channels, -1), 2
     else:
-        if isinstance(m, nn.GroupNorm):
-            xhat, channels = F.group_norm(a, m.num_groups, None, None, m.eps), m.num_channels
-        else:
-            xhat, channels = F.instance_norm(a, eps=m.eps), m.num_features
-        shape = (n, channels, -1)
-        g_weight = (d * xhat).reshape(shape).sum(2)
-        g_bias = d.reshape(shape).sum(2) if m.bias is not None else None
-    return _affine_stats(g_weight, g_bias, G)
+        xhat, shape, axis = F.instance_norm(a, eps=m.eps), (n, m.num_features, -1), 2
+    bias = getattr(m, "bias", None)  # RMSNorm has none
+    g_bias = d.reshape(shape).sum(axis) if bias is not None else None
+    return _affine_stats((d * xhat).reshape(shape).sum(axis), g_bias, G)
 
 
 def _embedding_stats(m: nn.Embedding, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,8 +432,9 @@ _FAST = {
 }
 
 
-def _layer_stats(m: nn.Module, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return next(stats for cls, (stats, _) in _FAST.items() if isinstance(m, cls))(m, a, d, G)
+def _fast_class(module: nn.Module) -> type | None:
+    """The class of :data:`_FAST` that ``module`` is an instance of, if any."""
+    return next((c for c in _FAST if isinstance(module, c)), None)
 
 
 @contextmanager
@@ -465,16 +464,18 @@ class ParamGradStats:
     ----------
     model : the network, used in eval mode
     G : the fixed vector as ``{parameter name: tensor}``, or ``None`` to skip the cross term
+    forward_batch : samples per pass that keep the largest layer output near 8 MB, as
+        :func:`param_grad_sum` measured it; measured on the first call when ``None``
     """
 
-    def __init__(self, model: nn.Module, G: dict[str, torch.Tensor] | None) -> None:
+    def __init__(self, model: nn.Module, G: dict[str, torch.Tensor] | None, forward_batch: int | None = None) -> None:
         check_per_sample(model)
         self.model = model
         self.G = G
         self.clone_outputs = False
         self.checked = False  # the fast path was compared with the one-sample reference
         self.loop_fallback = False  # torch.func failed on this model: one sample at a time
-        self.forward_batch: int | None = None  # measured on the first call, see forward_batch
+        self.forward_batch = forward_batch
         self._plan(exclude=[])
         if not self.covered and not self.other:
             raise ValueError("the model has no trainable parameters")
@@ -495,6 +496,7 @@ class ParamGradStats:
         if G is not None:
             self.G_layers = [{n: G[f"{name}.{n}" if name else n] for n, _ in m.named_parameters(recurse=False)} for name, m in self.covered]
         self.G_other = {n: G[n] for n in self.other} if G is not None else None
+        self.layer_stats = [_FAST[_fast_class(m)][0] for _, m in self.covered]
         conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, (nn.Conv1d, nn.Conv2d))]
         self.conv_batch = max(16, _CACHE_ELEMENTS // max(conv_sizes)) if conv_sizes else None
 
@@ -538,8 +540,8 @@ class ParamGradStats:
             if self.forward_batch is None and len(x):
                 self.forward_batch = forward_batch(self.model, x, run=self.model)
             size = min(self.forward_batch or len(x), self.conv_batch or len(x))
-            if len(x) > size:  # equal parts, as the pool scan's: no small remainder pass
-                parts = [self._batch(xs, pseudo_label) for xs in x.tensor_split(-(-len(x) // size))]
+            if len(x) > size:
+                parts = [self._batch(xs, pseudo_label) for xs in equal_parts(x, size)]
                 return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
             return self._batch(x, pseudo_label)
 
@@ -584,7 +586,7 @@ class ParamGradStats:
                     deltas[i] = d
             with torch.no_grad():
                 layers = [
-                    _layer_stats(m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None) if d is not None else _zero_stats(n, logits.dtype, self.G_layers is not None)
+                    self.layer_stats[i](m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None) if d is not None else _zero_stats(n, logits.dtype, self.G_layers is not None)
                     for i, (m, rec, d) in enumerate(zip(modules, records, deltas))
                 ]
                 if layers:  # summed in float64, in one reduction per statistic
