@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dynal.engine import Context, labeled_stats, pool_chunks
+from dynal.engine import Context, labeled_stats, param_grads, pool_chunks
 from dynal.engine.param_grads import ParamGradStats, _patch_gram, param_grad_sum
 from dynal.models import MLP, ResNet18, SmallCNN
 from dynal.strategies import DynamicAL
@@ -70,14 +70,14 @@ def _with_running_stats(model, spec):
 
 
 class InplaceNet(nn.Module):
-    """In-place ReLUs after covered layers, a PReLU and a grouped Conv1d (not covered)."""
+    """In-place ReLUs after covered layers, a PReLU and a ConvTranspose1d (not covered)."""
 
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(5, 6)
         self.norm = nn.LayerNorm(6)
         self.act = nn.PReLU()
-        self.conv = nn.Conv1d(2, 4, 3, padding=1, groups=2)
+        self.conv = nn.ConvTranspose1d(2, 4, 3, padding=1)
         self.relu = nn.ReLU(inplace=True)
         self.head = nn.Linear(12, 3)
 
@@ -205,7 +205,7 @@ def test_uncovered_layers_fall_back_with_a_warning_and_in_place_ops_are_handled(
         warnings.simplefilter("always")
         stats = ParamGradStats(model, G)
     message = " ".join(str(w.message) for w in caught)
-    assert "act (PReLU)" in message and "conv (Conv1d)" in message and "norm (" not in message
+    assert "act (PReLU)" in message and "conv (ConvTranspose1d)" in message and "norm (" not in message
     assert [name for name, _ in stats.covered] == ["fc", "norm", "head"]
     norm, cross = stats(X_pool)
     assert stats.clone_outputs  # the in-place ReLU after fc was detected
@@ -251,6 +251,28 @@ def test_conv_paths_agree_on_strided_dilated_and_biased_convolutions(dims):
     shape = (1, 7) if dims == 1 else (1, 7, 7)
     X_lab, y_lab, X_pool = torch.randn(4, *shape), torch.tensor([0, 1, 2, 1]), torch.randn(5, *shape)
     _check_fast_path(model, X_lab, y_lab, X_pool)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_grouped_depthwise_and_padded_convolutions_keep_the_fast_path(dims, monkeypatch):
+    torch.manual_seed(26)
+    conv, pool = (nn.Conv1d, nn.AdaptiveAvgPool1d) if dims == 1 else (nn.Conv2d, nn.AdaptiveAvgPool2d)
+    body = nn.Sequential(
+        conv(2, 4, 5, padding=2, groups=2, padding_mode="reflect"), nn.Tanh(),  # grouped weight gradient
+        conv(4, 8, 3, padding=1, groups=4, padding_mode="circular", bias=False), nn.Tanh(),  # depthwise, 2 per channel
+        conv(8, 8, 1, stride=2, groups=2), nn.Tanh(),  # few channels per group: unfolded
+        conv(8, 40, 3, padding="same", groups=2, padding_mode="replicate"), nn.Tanh(),  # few positions: Gram form
+        pool(1), nn.Flatten(),
+    )
+    model = nn.Sequential(body, nn.Linear(40, 3)).eval()
+    shape = (2, 6) if dims == 1 else (2, 6, 6)
+    routes = []  # each route of the convolution statistics runs: spy on the operation it calls
+    for owner, name in ((param_grads, "_patch_gram"), (F, "unfold"), (torch.ops.aten, "convolution_backward")):
+        fn = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, fn=fn, name=name: routes.append(name) or fn(*a))
+    X_lab, y_lab, X_pool = torch.randn(4, *shape), torch.tensor([0, 1, 2, 1]), torch.randn(5, *shape)
+    _check_fast_path(model, X_lab, y_lab, X_pool)
+    assert {"_patch_gram", "unfold", "convolution_backward"} <= set(routes)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own

@@ -27,7 +27,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 # passes of params="all"). Measured on ResNet-18 (widths 0.5 and 1) and the small CNN: forward
 # passes of 16-128 images, whose largest layer output is 2-13 MB, ran 2.0-2.3x faster than
 # chunks of 1,024 images, the fastest between 4 and 13 MB depending on the model and the
-# machine's load; for the gradient passes, see benchmarks/sequence_layers.md.
+# machine's load; for the gradient passes, see benchmarks/layer_coverage.md.
 _ACTIVATION_BYTES = 1 << 23
 
 

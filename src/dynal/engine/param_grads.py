@@ -13,9 +13,10 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
 
 - ``nn.Linear`` on (N, d) inputs: ``g = delta a^T``, so ``||g||^2 = ||a||^2 ||delta||^2`` and
   ``<g, G_W> = delta^T G_W a`` (bias: ``delta``).
-- ``nn.Conv2d`` (zero padding, one group): ``g = sum_p delta_p u_p^T`` over output positions
-  ``p`` with ``u_p`` the unfolded input patch, computed as one batched matrix product.
-- ``nn.Conv1d`` as a ``Conv2d`` of height one; string paddings as the zeros they add.
+- ``nn.Conv2d``: ``g = sum_p delta_p u_p^T`` over output positions ``p`` with ``u_p`` the
+  unfolded input patch, per group of channels (grouped and depthwise convolutions too).
+- ``nn.Conv1d`` as a ``Conv2d`` of height one; string paddings and padding modes other than
+  zeros as the padded input the layer convolves.
 - ``nn.BatchNorm1d/2d/3d`` in eval mode: ``g_gamma = sum delta * xhat`` and ``g_beta = sum delta``
   over the positions, with ``xhat`` normalized by the running statistics; exact per sample (the
   official code's chunk-mean shortcut is not used). ``nn.LayerNorm``, ``nn.RMSNorm``,
@@ -57,7 +58,7 @@ _CACHE_ELEMENTS = 1 << 19
 
 def _covered(module: nn.Module) -> bool:
     """Whether the fast path computes this module's per-sample gradients exactly: a plain
-    ``Linear``, ``Conv1d``/``Conv2d`` (zero padding, also "same", one group), eval-mode
+    ``Linear``, ``Conv1d``/``Conv2d`` (any padding, padding mode and groups), eval-mode
     ``BatchNorm1d/2d/3d`` (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
     ``InstanceNorm1d/2d/3d`` (affine) or ``Embedding`` (no ``max_norm``) whose only parameters
     are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
@@ -67,8 +68,6 @@ def _covered(module: nn.Module) -> bool:
     names = {n for n, _ in module.named_parameters(recurse=False)}
     if "weight" not in names or not names <= {"weight", "bias"} or parametrize.is_parametrized(module):
         return False
-    if cls in (nn.Conv1d, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros"
     if issubclass(cls, nn.modules.batchnorm._BatchNorm):
         return module.affine and module.track_running_stats and module.running_var is not None
     if issubclass(cls, nn.modules.instancenorm._InstanceNorm):
@@ -269,45 +268,51 @@ def _patch_gram(m: nn.Conv2d, a: torch.Tensor, out_size: Sequence[int], unfold: 
 
 
 def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample statistics of a convolution.
+    """Per-sample statistics of a convolution (zero padding).
 
-    The per-sample weight gradient is ``D_u U_u^T`` (output gradient times unfolded input,
-    C_out x L times L x C_in k^2). Early layers (many positions L) build it as one grouped
-    weight-gradient convolution, one group per sample, or as one batched product with the
-    unfolded input where that is no larger than the layer's input and output (a stem with few
-    channels, a strided 1x1 shortcut). Late layers (L (C_out + C_in k^2) < C_out C_in k^2, the
-    cheaper side of the two costs) use the Gram form ``||D U^T||^2 = sum((D^T D) * (U^T U))``
-    and never build it.
+    The per-sample weight gradient is ``D_u U_u^T`` per group of channels (output gradient times
+    unfolded input, C_out/groups x L times L x C_in/groups k^2). Early layers (many positions L)
+    build it as one grouped weight-gradient convolution, one group per sample and channel group,
+    or as one batched product with the unfolded input where that is no larger than the layer's
+    input and output (a stem with few channels, a strided 1x1 shortcut). Late layers
+    (L (C_out/groups + C_in/groups k^2) < C_out/groups C_in/groups k^2, the cheaper side of the
+    two costs) use the Gram form ``||D U^T||^2 = sum((D^T D) * (U^T U))`` per channel group and
+    never build it.
     """
     n, c_out = d.shape[:2]
+    groups = m.groups
+    c_group = c_out // groups  # output channels per group
     positions = d.shape[2] * d.shape[3]
-    patch = m.weight[0].numel()  # C_in * kernel area
+    patch = m.weight[0].numel()  # C_in / groups * kernel area
     norms, crosses = [], []
-    if positions * (c_out + patch) < c_out * patch:
+    if positions * (c_group + patch) < c_group * patch:
         padded = (a.shape[2] + 2 * m.padding[0]) * (a.shape[3] + 2 * m.padding[1])
-        step = max(1, _BLOCK_ELEMENTS // (positions * (positions + patch) + padded * padded))
+        step = max(1, _BLOCK_ELEMENTS // (groups * (positions * (positions + patch) + padded * padded)))
         for i in range(0, n, step):
-            dd = d[i : i + step].flatten(2)
-            norms.append((torch.bmm(dd.transpose(1, 2), dd) * _patch_gram(m, a[i : i + step], d.shape[2:])).sum((1, 2)))
+            k = len(a[i : i + step])
+            dd = d[i : i + step].reshape(k * groups, c_group, positions)
+            grams = _patch_gram(m, a[i : i + step].reshape(k * groups, -1, *a.shape[2:]), d.shape[2:])
+            norms.append((torch.bmm(dd.transpose(1, 2), dd) * grams).sum((1, 2)).view(k, groups).sum(1))
         if G is not None:
-            out = F.conv2d(a, G["weight"], None, m.stride, m.padding, m.dilation)
+            out = F.conv2d(a, G["weight"], None, m.stride, m.padding, m.dilation, groups)
             crosses.append((out * d).sum((1, 2, 3)))
     else:
         # measured on ResNet-18's stem: the batched product takes 0.6x the grouped convolution
-        unfold = patch * positions <= a[0].numel() + d[0].numel()
-        step = max(1, _BLOCK_ELEMENTS // (c_out * patch + (patch * positions if unfold else 0)))
+        unfold = groups * patch * positions <= a[0].numel() + d[0].numel()
+        step = max(1, _BLOCK_ELEMENTS // (c_out * patch + (groups * patch * positions if unfold else 0)))
         Gw = G["weight"].flatten() if G is not None else None
         for i in range(0, n, step):
             k = len(a[i : i + step])
             if unfold:
                 u = F.unfold(a[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride)
-                gw = torch.bmm(d[i : i + step].flatten(2), u.transpose(1, 2)).view(k, -1)
+                dd = d[i : i + step].reshape(k * groups, c_group, positions)
+                gw = torch.bmm(dd, u.view(k * groups, patch, positions).transpose(1, 2)).view(k, -1)
             else:
                 gw = torch.ops.aten.convolution_backward(
                     d[i : i + step].reshape(1, k * c_out, *d.shape[2:]),
                     a[i : i + step].reshape(1, -1, *a.shape[2:]),
                     m.weight.new_empty((k * c_out, *m.weight.shape[1:])),  # only its shape is read
-                    None, m.stride, m.padding, m.dilation, False, [0, 0], k, [False, True, False],
+                    None, m.stride, m.padding, m.dilation, False, [0, 0], k * groups, [False, True, False],
                 )[1].view(k, -1)
             norms.append(torch.linalg.vector_norm(gw, dim=1).square())
             if Gw is not None:
@@ -324,22 +329,29 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
 
 def _conv_layer_stats(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A ``Conv2d``, or a ``Conv1d`` as the ``Conv2d`` of height one that computes the same; a
-    string padding as the zeros it adds to the input ("same": ``dilation (k - 1)`` in all, the
-    odd one on the right, as torch pads). :func:`_conv_stats` reads only the geometry, weight
-    and bias, so the lifted layer is a namespace."""
-    if isinstance(m, nn.Conv2d) and not isinstance(m.padding, str):
-        return _conv_stats(m, a, d, G)
+    string padding, or a padding mode other than zeros, as the padded input the layer convolves
+    ("same": ``dilation (k - 1)`` in all, the odd one on the right, as torch pads).
+    :func:`_conv_stats` reads only the geometry, groups, weight and bias, so the lifted layer is a
+    namespace."""
     padding = m.padding
-    if isinstance(padding, str):
-        total = [dl * (k - 1) if padding == "same" else 0 for k, dl in zip(m.kernel_size, m.dilation)]
-        a = F.pad(a, [p for t in reversed(total) for p in (t // 2, t - t // 2)])
-        padding = (0,) * len(total)
+    if isinstance(padding, str) or m.padding_mode != "zeros":
+        if isinstance(padding, str):
+            total = [dl * (k - 1) if padding == "same" else 0 for k, dl in zip(m.kernel_size, m.dilation)]
+            sides = [(t // 2, t - t // 2) for t in total]
+        else:
+            sides = [(p, p) for p in padding]
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        a = F.pad(a, [p for side in reversed(sides) for p in side], mode=mode)
+        padding = (0,) * len(sides)
+    elif isinstance(m, nn.Conv2d):
+        return _conv_stats(m, a, d, G)
     weight, geometry = m.weight, (m.kernel_size, m.stride, padding, m.dilation)
     if isinstance(m, nn.Conv1d):  # height one
         a, d, weight = a.unsqueeze(2), d.unsqueeze(2), weight.unsqueeze(2)
         G = None if G is None else {**G, "weight": G["weight"].unsqueeze(2)}
         geometry = tuple((one, *g) for one, g in zip((1, 1, 0, 1), geometry))
-    as_2d = SimpleNamespace(**dict(zip(("kernel_size", "stride", "padding", "dilation"), geometry)), weight=weight, bias=m.bias)
+    names = ("kernel_size", "stride", "padding", "dilation")
+    as_2d = SimpleNamespace(**dict(zip(names, geometry)), weight=weight, bias=m.bias, groups=m.groups)
     return _conv_stats(as_2d, a, d, G)
 
 

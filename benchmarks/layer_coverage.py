@@ -1,5 +1,6 @@
-"""Cost of dynamicAL params="all" on sequence, text and tabular models, whose Embedding, LayerNorm,
-GroupNorm, Conv1d and BatchNorm1d layers have dynal's per-layer fast path.
+"""Cost of dynamicAL params="all" on models beyond the engine table (benchmarks/engine_speed.py):
+sequence, text, tabular and depthwise-separable models, whose Embedding, LayerNorm, GroupNorm,
+Conv1d, BatchNorm1d and grouped (depthwise) Conv2d layers have dynal's per-layer fast path.
 
 For each model, on the same random pool (CPU):
   (a) inference     forward pass over the pool (no_grad, eval mode), in batches of 16 to 256
@@ -8,6 +9,8 @@ For each model, on the same random pool (CPU):
   (g) general       as dynal ran these models before: the layers named above on the general
                     path (torch.func's vmap over grad for their parameters), and passes split
                     only to bound convolutions' per-sample gradients, not by layer output size
+                    (the separable CNN's passes are split as (c)'s: only its depthwise layers
+                    were new)
   (d) vmap          per-sample gradients of all parameters materialized with torch.func
 (c) and (g) run in the library's default chunks of 1,024 (which ParamGradStats splits into
 passes whose largest layer output is near 8 MB); (c), (g) and (d) are checked to give the same
@@ -15,7 +18,7 @@ scores to 1e-4 relative. Times: the paths
 interleaved in one fresh process per model, the best of the rounds; memory: the sampled peak
 growth of resident memory of one run of each path in its own fresh process.
 
-Usage: python benchmarks/sequence_layers.py [--threads 2] [--rounds 3] [--out benchmarks/sequence_layers.md]
+Usage: python benchmarks/layer_coverage.py [--threads 2] [--rounds 3] [--out benchmarks/layer_coverage.md]
 """
 
 from __future__ import annotations
@@ -93,19 +96,36 @@ def tabular_mlp(features: int) -> nn.Module:
     )
 
 
-# label, model, input maker (n, generator) -> float32 array, pool size, sub-pool of (d)
+def separable_cnn() -> nn.Module:
+    """A MobileNet-style CNN for 32 x 32 images: depthwise 3x3 then pointwise 1x1 convolutions,
+    each followed by BatchNorm2d."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
+    for c_in, c_out, stride in ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2)):
+        layers += [nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU()]
+        layers += [nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
+
+
+def _new(m: nn.Module) -> bool:
+    """A layer that took the general path before it had a fast one."""
+    return isinstance(m, NEW_LAYERS) or (isinstance(m, nn.Conv2d) and (m.groups > 1 or m.padding_mode != "zeros"))
+
+
+# label, model, input maker (n, generator) -> float32 array, pool size, sub-pool of (d), and whether
+# (g) runs whole chunks (dynal before its passes were split by layer output size)
 CASES = [
     ("transformer, vocabulary 30,000, 64 tokens", lambda: TextTransformer(30_000, 64),
-     lambda n, rng: np.where(np.arange(64) < 50, rng.integers(1, 30_000, (n, 64)), 0).astype(np.float32), 512, 64),
-    ("1-D CNN, 8 x 256 series", lambda: series_cnn(8), lambda n, rng: rng.normal(size=(n, 8, 256)).astype(np.float32), 1024, 128),
-    ("tabular MLP + BatchNorm1d, 64 features", lambda: tabular_mlp(64), lambda n, rng: rng.normal(size=(n, 64)).astype(np.float32), 8192, 1024),
+     lambda n, rng: np.where(np.arange(64) < 50, rng.integers(1, 30_000, (n, 64)), 0).astype(np.float32), 512, 64, True),
+    ("1-D CNN, 8 x 256 series", lambda: series_cnn(8), lambda n, rng: rng.normal(size=(n, 8, 256)).astype(np.float32), 1024, 128, True),
+    ("tabular MLP + BatchNorm1d, 64 features", lambda: tabular_mlp(64), lambda n, rng: rng.normal(size=(n, 64)).astype(np.float32), 8192, 1024, True),
+    ("depthwise-separable CNN, 3 x 32 x 32", separable_cnn, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 512, 64, False),
 ]
 PATHS = ("inference", "all", "general", "vmap")
 
 
 def _setup(case: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    _, make, draw, n, n_sub = CASES[case]
+    _, make, draw, n, n_sub, whole_chunks = CASES[case]
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = make()
@@ -119,8 +139,9 @@ def _setup(case: int, threads: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning that names the general path's layers
         general = ParamGradStats(model, G)
-        general._plan(exclude=[name for name, m in model.named_modules() if isinstance(m, NEW_LAYERS)])
-        general.forward_batch = CHUNK  # passes split only for convolutions, as before
+        general._plan(exclude=[name for name, m in model.named_modules() if _new(m)])
+        if whole_chunks:
+            general.forward_batch = CHUNK  # passes split only for convolutions, as before
 
     def scores(stats: ParamGradStats, Xs: np.ndarray) -> torch.Tensor:
         with warnings.catch_warnings():
@@ -177,7 +198,7 @@ def main() -> None:
         "| (c)/(a) time | (g)/(c) time | (d)/(c) time | peak MB (a) / (c) / (g) / (d) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for case, (label, _, _, n, n_sub) in enumerate(CASES):
+    for case, (label, _, _, n, n_sub, _) in enumerate(CASES):
         t = pool.submit(timings, case, args.threads, args.rounds).result()
         mems = [pool.submit(peak_memory, case, t["inference_path"] if p == "inference" else p, args.threads).result() for p in PATHS]
         rate = lambda p: f"{n / t[p]:,.0f}"  # noqa: E731
@@ -190,8 +211,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        write_report(args.out, "params='all' on sequence, text and tabular models",
-                     f"python benchmarks/sequence_layers.py --threads {args.threads} --rounds {args.rounds} --out {args.out}", text)
+        write_report(args.out, "params='all' on sequence, text, tabular and depthwise-separable models",
+                     f"python benchmarks/layer_coverage.py --threads {args.threads} --rounds {args.rounds} --out {args.out}", text)
 
 
 if __name__ == "__main__":
