@@ -1,6 +1,7 @@
 """Cost of dynamicAL params="all" on models beyond the engine table (benchmarks/engine_speed.py):
-sequence, text, tabular and depthwise-separable models, whose Embedding, LayerNorm, GroupNorm,
-Conv1d, BatchNorm1d and grouped (depthwise) Conv2d layers have dynal's per-layer fast path.
+sequence, text, tabular, depthwise-separable and 3-D convolutional models, whose Embedding,
+LayerNorm, GroupNorm, Conv1d, BatchNorm1d, grouped (depthwise) Conv2d and Conv3d layers have
+dynal's per-layer fast path.
 
 For each model, on the same random pool (CPU):
   (a) inference     forward pass over the pool (no_grad, eval mode), in batches of 16 to 256
@@ -9,8 +10,8 @@ For each model, on the same random pool (CPU):
   (g) general       as dynal ran these models before: the layers named above on the general
                     path (torch.func's vmap over grad for their parameters), and passes split
                     only to bound convolutions' per-sample gradients, not by layer output size
-                    (the separable CNN's passes are split as (c)'s: only its depthwise layers
-                    were new)
+                    (the separable and 3-D CNNs' passes are split as (c)'s: only their
+                    depthwise and 3-D convolutions were new)
   (d) vmap          per-sample gradients of all parameters materialized with torch.func
 (c) and (g) run in the library's default chunks of 1,024 (which ParamGradStats splits into
 passes whose largest layer output is near 8 MB); (c), (g) and (d) are checked to give the same
@@ -106,9 +107,20 @@ def separable_cnn() -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
 
 
+def volume_cnn() -> nn.Module:
+    """A 3-D CNN for single-channel volumes (medical scans, say), with BatchNorm3d."""
+    return nn.Sequential(
+        nn.Conv3d(1, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
+        nn.Conv3d(16, 32, 3, stride=2, padding=1), nn.BatchNorm3d(32), nn.ReLU(),
+        nn.Conv3d(32, 64, 3, stride=2, padding=1), nn.BatchNorm3d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+
+
 def _new(m: nn.Module) -> bool:
     """A layer that took the general path before it had a fast one."""
-    return isinstance(m, NEW_LAYERS) or (isinstance(m, nn.Conv2d) and (m.groups > 1 or m.padding_mode != "zeros"))
+    grouped_or_padded = isinstance(m, nn.Conv2d) and (m.groups > 1 or m.padding_mode != "zeros")
+    return isinstance(m, (*NEW_LAYERS, nn.Conv3d)) or grouped_or_padded
 
 
 # label, model, input maker (n, generator) -> float32 array, pool size, sub-pool of (d), and whether
@@ -119,6 +131,7 @@ CASES = [
     ("1-D CNN, 8 x 256 series", lambda: series_cnn(8), lambda n, rng: rng.normal(size=(n, 8, 256)).astype(np.float32), 1024, 128, True),
     ("tabular MLP + BatchNorm1d, 64 features", lambda: tabular_mlp(64), lambda n, rng: rng.normal(size=(n, 64)).astype(np.float32), 8192, 1024, True),
     ("depthwise-separable CNN, 3 x 32 x 32", separable_cnn, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 512, 64, False),
+    ("3-D CNN, 1 x 16 x 32 x 32 volumes", volume_cnn, lambda n, rng: rng.normal(size=(n, 1, 16, 32, 32)).astype(np.float32), 256, 32, False),
 ]
 PATHS = ("inference", "all", "general", "vmap")
 
@@ -211,7 +224,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        write_report(args.out, "params='all' on sequence, text, tabular and depthwise-separable models",
+        write_report(args.out, "params='all' on sequence, text, tabular, depthwise-separable and 3-D models",
                      f"python benchmarks/layer_coverage.py --threads {args.threads} --rounds {args.rounds} --out {args.out}", text)
 
 

@@ -259,8 +259,8 @@ def test_grouped_depthwise_and_padded_convolutions_keep_the_fast_path(dims, monk
     conv, pool = (nn.Conv1d, nn.AdaptiveAvgPool1d) if dims == 1 else (nn.Conv2d, nn.AdaptiveAvgPool2d)
     body = nn.Sequential(
         conv(2, 4, 5, padding=2, groups=2, padding_mode="reflect"), nn.Tanh(),  # grouped weight gradient
-        conv(4, 8, 3, padding=1, groups=4, padding_mode="circular", bias=False), nn.Tanh(),  # depthwise, 2 per channel
-        conv(8, 8, 1, stride=2, groups=2), nn.Tanh(),  # few channels per group: unfolded
+        conv(4, 32, 3, padding=1, groups=4, padding_mode="circular", bias=False), nn.Tanh(),  # depthwise x8: unfolded
+        conv(32, 8, 1, stride=2, groups=2), nn.Tanh(),  # 1x1: the input's every other position, not unfolded
         conv(8, 40, 3, padding="same", groups=2, padding_mode="replicate"), nn.Tanh(),  # few positions: Gram form
         pool(1), nn.Flatten(),
     )
@@ -272,7 +272,27 @@ def test_grouped_depthwise_and_padded_convolutions_keep_the_fast_path(dims, monk
         monkeypatch.setattr(owner, name, lambda *a, fn=fn, name=name: routes.append(name) or fn(*a))
     X_lab, y_lab, X_pool = torch.randn(4, *shape), torch.tensor([0, 1, 2, 1]), torch.randn(5, *shape)
     _check_fast_path(model, X_lab, y_lab, X_pool)
-    assert {"_patch_gram", "unfold", "convolution_backward"} <= set(routes)
+    # per pass: one layer unfolds (the depthwise one, not the 1x1), one takes the Gram form
+    assert "convolution_backward" in routes and routes.count("unfold") == routes.count("_patch_gram") > 0
+
+
+def test_3d_convolutions_keep_the_fast_path(monkeypatch):
+    torch.manual_seed(27)
+    body = nn.Sequential(
+        nn.Conv3d(2, 4, 3, padding=1, groups=2, padding_mode="reflect"), nn.BatchNorm3d(4), nn.Tanh(),  # unfolded
+        nn.Conv3d(4, 6, (3, 1, 2), stride=(1, 2, 1), padding=(2, 0, 1), dilation=(2, 1, 2), bias=False), nn.Tanh(),  # unfolded
+        nn.Conv3d(6, 6, 1, stride=2, groups=3), nn.Tanh(),  # 1x1x1: the input's every other position
+        nn.Conv3d(6, 10, 2, padding="same", padding_mode="circular"), nn.Tanh(),  # grouped weight gradient
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+    )
+    model = _with_running_stats(nn.Sequential(body, nn.Linear(10, 3)), (2, 4, 5, 4))
+    routes = []
+    for owner, name in ((param_grads, "_unfold_3d"), (torch.ops.aten, "convolution_backward")):
+        fn = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, fn=fn, name=name: routes.append(name) or fn(*a))
+    X_lab, y_lab, X_pool = torch.randn(4, 2, 4, 5, 4), torch.tensor([0, 1, 2, 1]), torch.randn(5, 2, 4, 5, 4)
+    _check_fast_path(model, X_lab, y_lab, X_pool)
+    assert routes.count("_unfold_3d") == 2 * routes.count("convolution_backward") > 0
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own

@@ -15,8 +15,8 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
   ``<g, G_W> = delta^T G_W a`` (bias: ``delta``).
 - ``nn.Conv2d``: ``g = sum_p delta_p u_p^T`` over output positions ``p`` with ``u_p`` the
   unfolded input patch, per group of channels (grouped and depthwise convolutions too).
-- ``nn.Conv1d`` as a ``Conv2d`` of height one; string paddings and padding modes other than
-  zeros as the padded input the layer convolves.
+- ``nn.Conv1d`` as a ``Conv2d`` of height one, ``nn.Conv3d`` alike; string paddings and padding
+  modes other than zeros as the padded input the layer convolves.
 - ``nn.BatchNorm1d/2d/3d`` in eval mode: ``g_gamma = sum delta * xhat`` and ``g_beta = sum delta``
   over the positions, with ``xhat`` normalized by the running statistics; exact per sample (the
   official code's chunk-mean shortcut is not used). ``nn.LayerNorm``, ``nn.RMSNorm``,
@@ -33,6 +33,7 @@ layer; so do covered layers that turn out, while the model runs, not to follow t
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
@@ -58,7 +59,7 @@ _CACHE_ELEMENTS = 1 << 19
 
 def _covered(module: nn.Module) -> bool:
     """Whether the fast path computes this module's per-sample gradients exactly: a plain
-    ``Linear``, ``Conv1d``/``Conv2d`` (any padding, padding mode and groups), eval-mode
+    ``Linear``, ``Conv1d``/``Conv2d``/``Conv3d`` (any padding, padding mode and groups), eval-mode
     ``BatchNorm1d/2d/3d`` (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
     ``InstanceNorm1d/2d/3d`` (affine) or ``Embedding`` (no ``max_norm``) whose only parameters
     are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
@@ -267,25 +268,39 @@ def _patch_gram(m: nn.Conv2d, a: torch.Tensor, out_size: Sequence[int], unfold: 
     return total.view(n, ho * wo, ho * wo)
 
 
-def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample statistics of a convolution (zero padding).
+def _unfold_3d(a: torch.Tensor, m: nn.Conv3d) -> torch.Tensor:
+    """``F.unfold`` of a 3-D convolution's input: (n, C k_d k_h k_w, L), patches as the weight
+    lays them out."""
+    pad = [p for p in reversed(m.padding) for _ in range(2)]
+    u = F.pad(a, pad) if any(pad) else a
+    for axis, (size, stride, dilation) in enumerate(zip(m.kernel_size, m.stride, m.dilation)):
+        u = u.unfold(2 + axis, dilation * (size - 1) + 1, stride)[..., ::dilation]
+    return u.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(len(a), a.shape[1] * math.prod(m.kernel_size), -1)
+
+
+def _conv_stats(m: nn.Conv2d | nn.Conv3d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample statistics of a 2-D or 3-D convolution (zero padding).
 
     The per-sample weight gradient is ``D_u U_u^T`` per group of channels (output gradient times
     unfolded input, C_out/groups x L times L x C_in/groups k^2). Early layers (many positions L)
     build it as one grouped weight-gradient convolution, one group per sample and channel group,
     or as one batched product with the unfolded input where that is no larger than the layer's
-    input and output (a stem with few channels, a strided 1x1 shortcut). Late layers
-    (L (C_out/groups + C_in/groups k^2) < C_out/groups C_in/groups k^2, the cheaper side of the
-    two costs) use the Gram form ``||D U^T||^2 = sum((D^T D) * (U^T U))`` per channel group and
-    never build it.
+    input and output (a stem with few channels, a 1x1 layer, whose unfolded input is its input).
+    Late 2-D layers (L (C_out/groups + C_in/groups k^2) < C_out/groups C_in/groups k^2, the
+    cheaper side of the two costs) use the Gram form ``||D U^T||^2 = sum((D^T D) * (U^T U))`` per
+    channel group and never build it. 3-D layers take the grouped convolution, or the product
+    where each group has at most 4 input channels (measured on 3-D stems: the grouped
+    convolution with few channels per group took 1.1-4x the time).
     """
     n, c_out = d.shape[:2]
     groups = m.groups
     c_group = c_out // groups  # output channels per group
-    positions = d.shape[2] * d.shape[3]
-    patch = m.weight[0].numel()  # C_in / groups * kernel area
+    spatial = tuple(range(2, d.dim()))
+    positions = d[0, 0].numel()
+    patch = m.weight[0].numel()  # C_in / groups * kernel volume
+    planar = d.dim() == 4
     norms, crosses = [], []
-    if positions * (c_group + patch) < c_group * patch:
+    if planar and positions * (c_group + patch) < c_group * patch:
         padded = (a.shape[2] + 2 * m.padding[0]) * (a.shape[3] + 2 * m.padding[1])
         step = max(1, _BLOCK_ELEMENTS // (groups * (positions * (positions + patch) + padded * padded)))
         for i in range(0, n, step):
@@ -297,22 +312,32 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
             out = F.conv2d(a, G["weight"], None, m.stride, m.padding, m.dilation, groups)
             crosses.append((out * d).sum((1, 2, 3)))
     else:
+        # unfolding 1x1 kernels is sampling the input at the stride: always the product
+        pointwise = all(k == 1 for k in m.kernel_size) and not any(m.padding)
         # measured on ResNet-18's stem: the batched product takes 0.6x the grouped convolution
-        unfold = groups * patch * positions <= a[0].numel() + d[0].numel()
+        if planar:
+            unfold = pointwise or groups * patch * positions <= a[0].numel() + d[0].numel()
+        else:
+            unfold = pointwise or patch <= 4 * math.prod(m.kernel_size)
         step = max(1, _BLOCK_ELEMENTS // (c_out * patch + (groups * patch * positions if unfold else 0)))
         Gw = G["weight"].flatten() if G is not None else None
         for i in range(0, n, step):
             k = len(a[i : i + step])
             if unfold:
-                u = F.unfold(a[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride)
+                if pointwise:
+                    u = a[(slice(i, i + step), slice(None), *(slice(None, None, st) for st in m.stride))].flatten(2)
+                elif planar:
+                    u = F.unfold(a[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride)
+                else:
+                    u = _unfold_3d(a[i : i + step], m)
                 dd = d[i : i + step].reshape(k * groups, c_group, positions)
-                gw = torch.bmm(dd, u.view(k * groups, patch, positions).transpose(1, 2)).view(k, -1)
+                gw = torch.bmm(dd, u.reshape(k * groups, patch, positions).transpose(1, 2)).view(k, -1)
             else:
                 gw = torch.ops.aten.convolution_backward(
                     d[i : i + step].reshape(1, k * c_out, *d.shape[2:]),
                     a[i : i + step].reshape(1, -1, *a.shape[2:]),
                     m.weight.new_empty((k * c_out, *m.weight.shape[1:])),  # only its shape is read
-                    None, m.stride, m.padding, m.dilation, False, [0, 0], k * groups, [False, True, False],
+                    None, m.stride, m.padding, m.dilation, False, [0] * len(spatial), k * groups, [False, True, False],
                 )[1].view(k, -1)
             norms.append(torch.linalg.vector_norm(gw, dim=1).square())
             if Gw is not None:
@@ -320,18 +345,18 @@ def _conv_stats(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, tor
     norm = torch.cat(norms)
     cross = torch.cat(crosses) if G is not None else None
     if m.bias is not None:
-        db = d.sum((2, 3))
+        db = d.sum(spatial)
         norm = norm + db.pow(2).sum(1)
         if G is not None:
             cross = cross + db @ G["bias"]
     return norm, cross
 
 
-def _conv_layer_stats(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``Conv2d``, or a ``Conv1d`` as the ``Conv2d`` of height one that computes the same; a
-    string padding, or a padding mode other than zeros, as the padded input the layer convolves
-    ("same": ``dilation (k - 1)`` in all, the odd one on the right, as torch pads).
-    :func:`_conv_stats` reads only the geometry, groups, weight and bias, so the lifted layer is a
+def _conv_layer_stats(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``Conv2d`` or ``Conv3d``, or a ``Conv1d`` as the ``Conv2d`` of height one that computes
+    the same; a string padding, or a padding mode other than zeros, as the padded input the layer
+    convolves ("same": ``dilation (k - 1)`` in all, the odd one on the right, as torch pads).
+    :func:`_conv_stats` reads only the geometry, groups, weight and bias, so the layer it gets is a
     namespace."""
     padding = m.padding
     if isinstance(padding, str) or m.padding_mode != "zeros":
@@ -343,16 +368,14 @@ def _conv_layer_stats(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         a = F.pad(a, [p for side in reversed(sides) for p in side], mode=mode)
         padding = (0,) * len(sides)
-    elif isinstance(m, nn.Conv2d):
-        return _conv_stats(m, a, d, G)
     weight, geometry = m.weight, (m.kernel_size, m.stride, padding, m.dilation)
     if isinstance(m, nn.Conv1d):  # height one
         a, d, weight = a.unsqueeze(2), d.unsqueeze(2), weight.unsqueeze(2)
         G = None if G is None else {**G, "weight": G["weight"].unsqueeze(2)}
         geometry = tuple((one, *g) for one, g in zip((1, 1, 0, 1), geometry))
     names = ("kernel_size", "stride", "padding", "dilation")
-    as_2d = SimpleNamespace(**dict(zip(names, geometry)), weight=weight, bias=m.bias, groups=m.groups)
-    return _conv_stats(as_2d, a, d, G)
+    layer = SimpleNamespace(**dict(zip(names, geometry)), weight=weight, bias=m.bias, groups=m.groups)
+    return _conv_stats(layer, a, d, G)
 
 
 def _affine_stats(g_weight: torch.Tensor, g_bias: torch.Tensor | None, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,6 +454,7 @@ _FAST = {
     nn.Linear: (_linear_stats, ("forward",)),
     nn.Conv1d: (_conv_layer_stats, ("forward", "_conv_forward")),
     nn.Conv2d: (_conv_layer_stats, ("forward", "_conv_forward")),
+    nn.Conv3d: (_conv_layer_stats, ("forward", "_conv_forward")),
     nn.BatchNorm1d: (_bn_stats, ("forward",)),
     nn.BatchNorm2d: (_bn_stats, ("forward",)),
     nn.BatchNorm3d: (_bn_stats, ("forward",)),
@@ -442,6 +466,9 @@ _FAST = {
     nn.InstanceNorm3d: (_norm_stats, ("forward", "_apply_instance_norm")),
     nn.Embedding: (_embedding_stats, ("forward",)),
 }
+
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _fast_class(module: nn.Module) -> type | None:
@@ -509,7 +536,7 @@ class ParamGradStats:
             self.G_layers = [{n: G[f"{name}.{n}" if name else n] for n, _ in m.named_parameters(recurse=False)} for name, m in self.covered]
         self.G_other = {n: G[n] for n in self.other} if G is not None else None
         self.layer_stats = [_FAST[_fast_class(m)][0] for _, m in self.covered]
-        conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+        conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, _CONVOLUTIONS)]
         self.conv_batch = max(16, _CACHE_ELEMENTS // max(conv_sizes)) if conv_sizes else None
 
     def _demote(self, reasons: dict[str, str]) -> None:
