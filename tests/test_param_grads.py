@@ -1,5 +1,6 @@
 """All-parameter gradient statistics against a per-sample autograd loop over all parameters."""
 
+import random
 import warnings
 
 import numpy as np
@@ -293,6 +294,32 @@ def test_3d_convolutions_keep_the_fast_path(monkeypatch):
     X_lab, y_lab, X_pool = torch.randn(4, 2, 4, 5, 4), torch.tensor([0, 1, 2, 1]), torch.randn(5, 2, 4, 5, 4)
     _check_fast_path(model, X_lab, y_lab, X_pool)
     assert routes.count("_unfold_3d") == 2 * routes.count("convolution_backward") > 0
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
+@pytest.mark.parametrize("seed", range(24))
+def test_random_convolution_geometries_match_the_reference(seed):
+    """1-, 2- and 3-D convolutions with random groups, kernel, stride, dilation, padding and
+    padding mode (and channels-last pool inputs) keep the fast path and give the reference's
+    statistics."""
+    rnd = random.Random(seed)
+    torch.manual_seed(seed)
+    dims = rnd.choice([1, 2, 3])
+    groups = rnd.choice([1, 2, 3])
+    c_in, c_out = groups * rnd.choice([1, 2, 3]), groups * rnd.choice([1, 2, 5, 12])
+    stride = rnd.choice([1, 2])
+    padding = rnd.choice([0, 1, 2, "valid"] + (["same"] if stride == 1 else []))
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](
+        c_in, c_out, rnd.choice([1, 2, 3]), stride=stride, padding=padding, dilation=rnd.choice([1, 2]),
+        groups=groups, bias=rnd.choice([True, False]), padding_mode=rnd.choice(["zeros", "reflect", "replicate", "circular"]),
+    )
+    pool = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[dims - 1]
+    model = nn.Sequential(conv, nn.Tanh(), pool(1), nn.Flatten(), nn.Linear(c_out, 3)).eval()
+    shape = (c_in, *[rnd.choice([6, 7])] * dims)
+    X_lab, y_lab, X_pool = torch.randn(4, *shape), torch.tensor([0, 1, 2, 1]), torch.randn(5, *shape)
+    if dims == 2 and rnd.random() < 0.5:
+        X_pool = X_pool.contiguous(memory_format=torch.channels_last)
+    _check_fast_path(model, X_lab, y_lab, X_pool)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
