@@ -1,7 +1,7 @@
 """Cost of dynamicAL params="all" on models beyond the engine table (benchmarks/engine_speed.py):
 sequence, text, tabular, depthwise-separable and 3-D convolutional models, whose Embedding,
-LayerNorm, GroupNorm, Conv1d, BatchNorm1d, grouped (depthwise) Conv2d and Conv3d layers have
-dynal's per-layer fast path.
+EmbeddingBag, LayerNorm, GroupNorm, Conv1d, BatchNorm1d, grouped (depthwise) Conv2d and Conv3d
+layers have dynal's per-layer fast path.
 
 For each model, on the same random pool (CPU):
   (a) inference     forward pass over the pool (no_grad, eval mode), in batches of 16 to 256
@@ -10,8 +10,8 @@ For each model, on the same random pool (CPU):
   (g) general       as dynal ran these models before: the layers named above on the general
                     path (torch.func's vmap over grad for their parameters), and passes split
                     only to bound convolutions' per-sample gradients, not by layer output size
-                    (the separable and 3-D CNNs' passes are split as (c)'s: only their
-                    depthwise and 3-D convolutions were new)
+                    (the last three models' passes are split as (c)'s: only their
+                    depthwise and 3-D convolutions and their EmbeddingBag were new)
   (d) vmap          per-sample gradients of all parameters materialized with torch.func
 (c) and (g) run in the library's default chunks of 1,024 (which ParamGradStats splits into
 passes whose largest layer output is near 8 MB); (c), (g) and (d) are checked to give the same
@@ -117,10 +117,25 @@ def volume_cnn() -> nn.Module:
     )
 
 
+class BagOfWords(nn.Module):
+    """Token ids (stored as float32) -> the mean of their embeddings (``nn.EmbeddingBag``) -> MLP."""
+
+    def __init__(self, vocab: int, dim: int = 64) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, dim, mode="mean", padding_idx=0)
+        self.mix, self.head = nn.Linear(dim, dim), nn.Linear(dim, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.mix(self.bag(x.long())))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 def _new(m: nn.Module) -> bool:
     """A layer that took the general path before it had a fast one."""
     grouped_or_padded = isinstance(m, nn.Conv2d) and (m.groups > 1 or m.padding_mode != "zeros")
-    return isinstance(m, (*NEW_LAYERS, nn.Conv3d)) or grouped_or_padded
+    return isinstance(m, (*NEW_LAYERS, nn.Conv3d, nn.EmbeddingBag)) or grouped_or_padded
 
 
 # label, model, input maker (n, generator) -> float32 array, pool size, sub-pool of (d), and whether
@@ -131,6 +146,8 @@ CASES = [
     ("1-D CNN, 8 x 256 series", lambda: series_cnn(8), lambda n, rng: rng.normal(size=(n, 8, 256)).astype(np.float32), 1024, 128, True),
     ("tabular MLP + BatchNorm1d, 64 features", lambda: tabular_mlp(64), lambda n, rng: rng.normal(size=(n, 64)).astype(np.float32), 8192, 1024, True),
     ("depthwise-separable CNN, 3 x 32 x 32", separable_cnn, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 512, 64, False),
+    ("bag of words, vocabulary 30,000, 64 tokens", lambda: BagOfWords(30_000),
+     lambda n, rng: np.where(np.arange(64) < 50, rng.integers(1, 30_000, (n, 64)), 0).astype(np.float32), 4096, 256, False),
     ("3-D CNN, 1 x 16 x 32 x 32 volumes", volume_cnn, lambda n, rng: rng.normal(size=(n, 1, 16, 32, 32)).astype(np.float32), 256, 32, False),
 ]
 PATHS = ("inference", "all", "general", "vmap")

@@ -560,6 +560,41 @@ def test_embeddings_whose_gradient_is_not_per_token_are_refused_or_fall_back():
     assert "embed (Embedding)" in message and "embed" not in [name for name, _ in stats.covered]
 
 
+class BagNet(nn.Module):
+    """A bag-of-tokens text classifier: an EmbeddingBag over each sample's padded token row."""
+
+    def __init__(self, mode: str, weighted: bool = False):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(11, 6, mode=mode, padding_idx=0)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+        self.weighted = weighted
+
+    def features(self, x):
+        weights = (x + 1).float() / 10 if self.weighted else None
+        return torch.tanh(self.mix(self.bag(x, per_sample_weights=weights)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bags_keep_the_fast_path(mode):
+    torch.manual_seed(28)
+    X_pool = _tokens(5)
+    X_pool[1] = 0  # a bag of padding only: no gradient
+    _check_fast_path(BagNet(mode), _tokens(4), torch.tensor([0, 1, 2, 1]), X_pool)
+
+
+@pytest.mark.parametrize("kind", ["max", "per-sample weights"])
+def test_embedding_bags_the_formula_misses_take_the_general_path(kind):
+    torch.manual_seed(29)
+    model = BagNet("max") if kind == "max" else BagNet("sum", weighted=True)
+    stats, message = _check_against_reference(model, _tokens(4), torch.tensor([0, 1, 2, 1]), _tokens(5))
+    assert "bag (EmbeddingBag)" in message and "bag" not in [name for name, _ in stats.covered]
+    assert ("mix", model.mix) in stats.covered
+
+
 class LearnedPositions(TextNet):
     """A learned position table called on ``arange(T)``: its input has no sample axis."""
 

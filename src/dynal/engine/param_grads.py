@@ -23,7 +23,8 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
   ``nn.GroupNorm`` and ``nn.InstanceNorm1d/2d/3d`` alike, with ``xhat`` the layer's own
   normalization of the sample's input (or running statistics, as in BatchNorm).
 - ``nn.Embedding``: ``g`` has one row per distinct token of the sample, the sum of the output
-  gradients at that token's positions (none for ``padding_idx``).
+  gradients at that token's positions (none for ``padding_idx``); ``nn.EmbeddingBag`` alike,
+  with the bag's output gradient (divided by its size for "mean") at each position.
 
 Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), or to a
 loop over single samples where torch.func cannot run the model, with a warning naming the
@@ -61,7 +62,8 @@ def _covered(module: nn.Module) -> bool:
     """Whether the fast path computes this module's per-sample gradients exactly: a plain
     ``Linear``, ``Conv1d``/``Conv2d``/``Conv3d`` (any padding, padding mode and groups), eval-mode
     ``BatchNorm1d/2d/3d`` (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
-    ``InstanceNorm1d/2d/3d`` (affine) or ``Embedding`` (no ``max_norm``) whose only parameters
+    ``InstanceNorm1d/2d/3d`` (affine), ``Embedding`` (no ``max_norm``) or ``EmbeddingBag``
+    (no ``max_norm``, sum or mean, one bag per sample: 2-D input) whose only parameters
     are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
     cls = _fast_class(module)
     if cls is None or any(getattr(type(module), f) is not getattr(cls, f) for f in _FAST[cls][1]):
@@ -75,6 +77,8 @@ def _covered(module: nn.Module) -> bool:
         return module.affine
     if cls is nn.Embedding:
         return module.max_norm is None  # max_norm rescales rows of the weight in place
+    if cls is nn.EmbeddingBag:
+        return module.max_norm is None and module.mode in ("sum", "mean")
     return True
 
 
@@ -443,6 +447,18 @@ def _embedding_stats(m: nn.Embedding, a: torch.Tensor, d: torch.Tensor, G: dict[
     return norm, cross
 
 
+def _embedding_bag_stats(m: nn.EmbeddingBag, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bag (one row of token ids) passes its output gradient to each of its tokens, divided by
+    the number of tokens other than ``padding_idx`` for ``"mean"``: the ``Embedding`` statistics
+    of that gradient at every position."""
+    tokens = a.reshape(len(d), -1)
+    share = d.new_ones(tokens.shape)
+    if m.mode == "mean":
+        counted = tokens != m.padding_idx if m.padding_idx is not None else torch.ones_like(tokens, dtype=torch.bool)
+        share = share / counted.sum(1, keepdim=True).clamp(min=1)
+    return _embedding_stats(m, tokens, d[:, None, :] * share[:, :, None], G)
+
+
 def _zero_stats(n: int, dtype: torch.dtype, cross: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The statistics of a layer whose output gets no gradient."""
     return torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype) if cross else None
@@ -465,6 +481,7 @@ _FAST = {
     nn.InstanceNorm2d: (_norm_stats, ("forward", "_apply_instance_norm")),
     nn.InstanceNorm3d: (_norm_stats, ("forward", "_apply_instance_norm")),
     nn.Embedding: (_embedding_stats, ("forward",)),
+    nn.EmbeddingBag: (_embedding_bag_stats, ("forward",)),
 }
 
 
