@@ -448,15 +448,23 @@ def _embedding_stats(m: nn.Embedding, a: torch.Tensor, d: torch.Tensor, G: dict[
 
 
 def _embedding_bag_stats(m: nn.EmbeddingBag, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bag (one row of token ids) passes its output gradient to each of its tokens, divided by
-    the number of tokens other than ``padding_idx`` for ``"mean"``: the ``Embedding`` statistics
-    of that gradient at every position."""
-    tokens = a.reshape(len(d), -1)
-    share = d.new_ones(tokens.shape)
-    if m.mode == "mean":
-        counted = tokens != m.padding_idx if m.padding_idx is not None else torch.ones_like(tokens, dtype=torch.bool)
-        share = share / counted.sum(1, keepdim=True).clamp(min=1)
-    return _embedding_stats(m, tokens, d[:, None, :] * share[:, :, None], G)
+    """A bag (one row of token ids) passes its output gradient ``delta`` to each of its tokens
+    other than ``padding_idx``, times ``s`` (1, or one over their number for ``"mean"``): token
+    ``t``'s row is ``c_t s delta`` with ``c_t`` its count in the bag, so ``||g||^2 = s^2
+    ||delta||^2 sum_t c_t^2`` and ``<g, G> = s <delta, the bag's sum of G's rows>``."""
+    n = len(d)
+    tokens = a.reshape(n, -1)
+    wide = torch.promote_types(d.dtype, torch.float32)
+    counted = tokens != m.padding_idx if m.padding_idx is not None else torch.ones_like(tokens, dtype=torch.bool)
+    keys, counts = torch.unique((tokens + m.num_embeddings * torch.arange(n)[:, None])[counted], return_counts=True)
+    squares = torch.zeros(n, dtype=wide).index_add_(0, keys // m.num_embeddings, counts.to(wide).square())
+    share = 1 / counted.sum(1).clamp(min=1).to(wide) if m.mode == "mean" else torch.ones(n, dtype=wide)
+    delta = d.to(wide)
+    norm = share.square() * delta.square().sum(1) * squares
+    if G is None:
+        return norm, None
+    summed = F.embedding_bag(tokens, G["weight"].to(wide), mode="sum", padding_idx=m.padding_idx)
+    return norm, share * (summed * delta).sum(1)
 
 
 def _zero_stats(n: int, dtype: torch.dtype, cross: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
