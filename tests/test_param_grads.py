@@ -71,7 +71,7 @@ def _with_running_stats(model, spec):
 
 
 class InplaceNet(nn.Module):
-    """In-place ReLUs after covered layers, a PReLU and a ConvTranspose1d (not covered)."""
+    """In-place ReLUs after covered layers (a PReLU among them) and a ConvTranspose1d (not covered)."""
 
     def __init__(self):
         super().__init__()
@@ -206,8 +206,8 @@ def test_uncovered_layers_fall_back_with_a_warning_and_in_place_ops_are_handled(
         warnings.simplefilter("always")
         stats = ParamGradStats(model, G)
     message = " ".join(str(w.message) for w in caught)
-    assert "act (PReLU)" in message and "conv (ConvTranspose1d)" in message and "norm (" not in message
-    assert [name for name, _ in stats.covered] == ["fc", "norm", "head"]
+    assert "conv (ConvTranspose1d)" in message and "norm (" not in message and "act (" not in message
+    assert [name for name, _ in stats.covered] == ["fc", "norm", "act", "head"]
     norm, cross = stats(X_pool)
     assert stats.clone_outputs  # the in-place ReLU after fc was detected
     _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
@@ -217,13 +217,13 @@ def test_the_general_path_materializes_per_sample_gradients_in_bounded_slices(mo
     torch.manual_seed(25)
     model = InplaceNet().eval()
     X_lab, y_lab, X_pool = torch.randn(5, 5), torch.randint(0, 3, (5,)), torch.randn(7, 5)
-    size = sum(p.numel() for name in ("act", "conv") for p in getattr(model, name).parameters())
+    size = sum(p.numel() for p in model.conv.parameters())
     monkeypatch.setattr("dynal.engine.param_grads._BLOCK_ELEMENTS", 2 * size)  # 2 samples per slice
     slices = []
     block = ParamGradStats._other_block
     monkeypatch.setattr(ParamGradStats, "_other_block", lambda self, x, *a: slices.append(len(x)) or block(self, x, *a))
     stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
-    assert "act (PReLU)" in message and slices == [2, 2, 2, 1]
+    assert "conv (ConvTranspose1d)" in message and slices == [2, 2, 2, 1]
 
 
 @pytest.mark.parametrize("dims", [1, 2])
@@ -558,6 +558,17 @@ def test_embeddings_whose_gradient_is_not_per_token_are_refused_or_fall_back():
     model.embed = nn.Embedding(11, 6, max_norm=1.0)  # rows renormalized in place while it runs
     stats, message = _check_against_reference(model, torch.from_numpy(X), torch.from_numpy(y), _tokens(5))
     assert "embed (Embedding)" in message and "embed" not in [name for name, _ in stats.covered]
+
+
+def test_prelu_keeps_the_fast_path():
+    torch.manual_seed(30)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.PReLU(4), nn.Flatten(), nn.Linear(36, 6), nn.PReLU(), nn.Linear(6, 3),
+    ).eval()
+    with torch.no_grad():  # distinct slopes, so a per-channel mix-up shows
+        model[1].weight.copy_(torch.linspace(-0.5, 0.5, 4))
+    X_lab, y_lab, X_pool = torch.randn(4, 2, 5, 5), torch.tensor([0, 1, 2, 1]), torch.randn(5, 2, 5, 5)
+    _check_fast_path(model, X_lab, y_lab, X_pool)
 
 
 class BagNet(nn.Module):

@@ -25,6 +25,7 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
 - ``nn.Embedding``: ``g`` has one row per distinct token of the sample, the sum of the output
   gradients at that token's positions (none for ``padding_idx``); ``nn.EmbeddingBag`` alike,
   with the bag's output gradient (divided by its size for "mean") at each position.
+- ``nn.PReLU``: ``g = sum delta * min(a, 0)`` over each channel's positions.
 
 Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), or to a
 loop over single samples where torch.func cannot run the model, with a warning naming the
@@ -62,8 +63,8 @@ def _covered(module: nn.Module) -> bool:
     """Whether the fast path computes this module's per-sample gradients exactly: a plain
     ``Linear``, ``Conv1d``/``Conv2d``/``Conv3d`` (any padding, padding mode and groups), eval-mode
     ``BatchNorm1d/2d/3d`` (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
-    ``InstanceNorm1d/2d/3d`` (affine), ``Embedding`` (no ``max_norm``) or ``EmbeddingBag``
-    (no ``max_norm``, sum or mean, one bag per sample: 2-D input) whose only parameters
+    ``InstanceNorm1d/2d/3d`` (affine), ``Embedding`` (no ``max_norm``), ``EmbeddingBag``
+    (no ``max_norm``, sum or mean, one bag per sample: 2-D input) or ``PReLU`` whose only parameters
     are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
     cls = _fast_class(module)
     if cls is None or any(getattr(type(module), f) is not getattr(cls, f) for f in _FAST[cls][1]):
@@ -411,6 +412,16 @@ def _bn_stats(m: nn.modules.batchnorm._BatchNorm, a: torch.Tensor, d: torch.Tens
     return _affine_stats(g_weight, g_bias, G)
 
 
+def _prelu_stats(m: nn.PReLU, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # the slope multiplies the negative part: g = sum d * min(a, 0) over each channel's
+    # positions (axis 1 holds the channels), or over everything for a single slope
+    n = len(d)
+    wide = torch.promote_types(d.dtype, torch.float32)
+    part = d.to(wide) * a.to(wide).clamp(max=0)
+    g = part.reshape(n, -1).sum(1, keepdim=True) if m.num_parameters == 1 else part.reshape(n, m.num_parameters, -1).sum(2)
+    return _affine_stats(g, None, G)
+
+
 def _norm_stats(m: nn.LayerNorm | nn.RMSNorm | nn.GroupNorm | nn.modules.instancenorm._InstanceNorm, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm and RMSNorm (parameters on the last axes, summed over the others), GroupNorm
     and InstanceNorm (parameters per channel, summed over the positions): ``xhat`` is the
@@ -490,6 +501,7 @@ _FAST = {
     nn.InstanceNorm3d: (_norm_stats, ("forward", "_apply_instance_norm")),
     nn.Embedding: (_embedding_stats, ("forward",)),
     nn.EmbeddingBag: (_embedding_bag_stats, ("forward",)),
+    nn.PReLU: (_prelu_stats, ("forward",)),
 }
 
 
