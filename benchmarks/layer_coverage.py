@@ -7,11 +7,10 @@ For each model, on the same random pool (CPU):
   (a) inference     forward pass over the pool (no_grad, eval mode), in batches of 16 to 256
                     samples: the fastest batch size is reported
   (c) all           dynal's ParamGradStats (every layer of these models on the fast path)
-  (g) general       as dynal ran these models before: the layers named above on the general
-                    path (torch.func's vmap over grad for their parameters), and passes split
-                    only to bound convolutions' per-sample gradients, not by layer output size
-                    (the last three models' passes are split as (c)'s: only their
-                    depthwise and 3-D convolutions and their EmbeddingBag were new)
+  (g) general       the layers named above on dynal's general path (torch.func's vmap over
+                    grad for their parameters), as before they had a fast path; for the first
+                    three models also passes split only to bound convolutions' per-sample
+                    gradients, not by layer output size, as before that split existed
   (d) vmap          per-sample gradients of all parameters materialized with torch.func
 (c) and (g) run in the library's default chunks of 1,024 (which ParamGradStats splits into
 passes whose largest layer output is near 8 MB); (c), (g) and (d) are checked to give the same
