@@ -582,7 +582,7 @@ class BagNet(nn.Module):
         self.weighted = weighted
 
     def features(self, x):
-        weights = (x + 1).float() / 10 if self.weighted else None
+        weights = torch.where(x == 1, 0.1, 1.0) if self.weighted else None  # token 1 counts a tenth
         return torch.tanh(self.mix(self.bag(x, per_sample_weights=weights)))
 
     def forward(self, x):
@@ -601,9 +601,13 @@ def test_embedding_bags_keep_the_fast_path(mode):
 def test_embedding_bags_the_formula_misses_take_the_general_path(kind):
     torch.manual_seed(29)
     model = BagNet("max") if kind == "max" else BagNet("sum", weighted=True)
-    stats, message = _check_against_reference(model, _tokens(4), torch.tensor([0, 1, 2, 1]), _tokens(5))
+    X_pool = _tokens(5)
+    X_pool[X_pool == 1] = 2  # no token 1: every weight is 1, so only the call itself tells
+    stats, message = _check_against_reference(model, _tokens(4), torch.tensor([0, 1, 2, 1]), X_pool)
     assert "bag (EmbeddingBag)" in message and "bag" not in [name for name, _ in stats.covered]
     assert ("mix", model.mix) in stats.covered
+    if kind == "per-sample weights":
+        assert "gets tensors besides its input" in message
 
 
 class LearnedPositions(TextNet):
@@ -793,21 +797,61 @@ def test_the_labeled_gradient_sum_is_taken_in_passes_of_the_cache_size(monkeypat
         torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_models_keep_the_fast_path():
+@pytest.mark.parametrize("kind", ["cnn", "prelu"])
+def test_bfloat16_models_keep_the_fast_path(kind):
     torch.manual_seed(17)
-    model = _with_running_stats(SmallCNN((1, 6, 6), 3, width=4, hidden=8), (1, 6, 6))
-    X_pool = torch.randn(6, 1, 6, 6)
+    if kind == "cnn":
+        model = SmallCNN((1, 6, 6), 3, width=4, hidden=8)
+    else:  # PReLU, a grouped convolution and BatchNorm, whose statistics are summed in float32
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.PReLU(4), nn.Conv2d(4, 4, 3, groups=2),
+            nn.PReLU(), nn.Flatten(), nn.Linear(16, 3),
+        )
+    model = _with_running_stats(model, (1, 6, 6)).bfloat16()
+    X_lab, y_lab, X_pool = torch.randn(4, 1, 6, 6).bfloat16(), torch.tensor([0, 1, 2, 1]), torch.randn(6, 1, 6, 6).bfloat16()
+    names, params = zip(*model.named_parameters())
+    G = dict(zip(names, torch.autograd.grad(F.cross_entropy(model(X_lab), y_lab, reduction="sum"), params)))  # bfloat16
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no layer is demoted for bfloat16's rounding
-        stats = ParamGradStats(model.bfloat16(), None)
-        norm, _ = stats(X_pool.bfloat16())
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool)
     assert stats.checked and not stats.other
-    x = X_pool.bfloat16().double()
     with torch.no_grad():
-        labels = model(X_pool.bfloat16()).argmax(1)
+        labels = model(X_pool).argmax(1)
     model.double()  # the same weights, which bfloat16 holds exactly
-    ref_norm = [float(_flat_grad(model, xi, int(k)).square().sum()) for xi, k in zip(x, labels)]
-    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=5e-2)
+    G_flat = torch.cat([G[name].double().flatten() for name, _ in model.named_parameters()])
+    grads = [_flat_grad(model, xi, int(k)) for xi, k in zip(X_pool.double(), labels)]
+    np.testing.assert_allclose(norm.numpy(), [float(g.square().sum()) for g in grads], rtol=5e-2)
+    bound = max(float(g.norm()) for g in grads) * float(G_flat.norm())
+    np.testing.assert_allclose(cross.numpy(), [float(g @ G_flat) for g in grads], atol=2e-2 * bound)
+
+
+class Half(nn.Module):
+    """A float16 network behind float32 inputs and logits."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner.half()
+
+    def forward(self, x):
+        return self.inner(x.half()).float()
+
+
+def test_float16_layers_whose_statistics_overflow_take_the_general_path():
+    torch.manual_seed(31)
+    body = nn.Sequential(nn.Conv2d(8, 64, 3, padding=2, dilation=2, groups=2), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    model = Half(nn.Sequential(body, nn.Linear(64, 3))).eval()  # large inputs: ||a||^2 of the head overflows
+    X_lab, y_lab, X_pool = 40 * torch.randn(4, 8, 6, 6), torch.tensor([0, 1, 2, 1]), 40 * torch.randn(6, 8, 6, 6)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool)
+    assert "inner.1 (Linear) gives statistics that overflow its dtype" in " ".join(str(w.message) for w in caught)
+    assert [name for name, _ in stats.covered] == ["inner.0.0"]  # the Gram form, summed in float32
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-2, atol=1e-3 * ref_norm.max())
+    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-2, atol=1e-3 * np.abs(ref_cross).max())
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's own, for RMSNorm

@@ -207,8 +207,11 @@ def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[l
 
     def hook(i: int):
         def fn(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-            inp = args[0] if args else kwargs["input"]  # the covered layers' forward takes only ``input``
-            records[i] += [inp.detach(), output, output._version]
+            inp = args[0] if args else kwargs["input"]
+            # the statistics read only ``input``: other tensors (an EmbeddingBag's offsets or
+            # per_sample_weights) are recorded as a missing input, which demotes the layer
+            extra = any(isinstance(v, torch.Tensor) and v is not inp for v in (*args[1:], *kwargs.values()))
+            records[i] += [None if extra else inp.detach(), output, output._version]
             return output.clone() if clone else None
 
         return fn
@@ -308,10 +311,11 @@ def _conv_stats(m: nn.Conv2d | nn.Conv3d, a: torch.Tensor, d: torch.Tensor, G: d
     if planar and positions * (c_group + patch) < c_group * patch:
         padded = (a.shape[2] + 2 * m.padding[0]) * (a.shape[3] + 2 * m.padding[1])
         step = max(1, _BLOCK_ELEMENTS // (groups * (positions * (positions + patch) + padded * padded)))
+        wide = torch.promote_types(d.dtype, torch.float32)  # float16 Gram entries overflow
         for i in range(0, n, step):
             k = len(a[i : i + step])
-            dd = d[i : i + step].reshape(k * groups, c_group, positions)
-            grams = _patch_gram(m, a[i : i + step].reshape(k * groups, -1, *a.shape[2:]), d.shape[2:])
+            dd = d[i : i + step].reshape(k * groups, c_group, positions).to(wide)
+            grams = _patch_gram(m, a[i : i + step].reshape(k * groups, -1, *a.shape[2:]).to(wide), d.shape[2:])
             norms.append((torch.bmm(dd.transpose(1, 2), dd) * grams).sum((1, 2)).view(k, groups).sum(1))
         if G is not None:
             out = F.conv2d(a, G["weight"], None, m.stride, m.padding, m.dilation, groups)
@@ -344,7 +348,7 @@ def _conv_stats(m: nn.Conv2d | nn.Conv3d, a: torch.Tensor, d: torch.Tensor, G: d
                     m.weight.new_empty((k * c_out, *m.weight.shape[1:])),  # only its shape is read
                     None, m.stride, m.padding, m.dilation, False, [0] * len(spatial), k * groups, [False, True, False],
                 )[1].view(k, -1)
-            norms.append(torch.linalg.vector_norm(gw, dim=1).square())
+            norms.append(torch.linalg.vector_norm(gw, dim=1, dtype=torch.promote_types(gw.dtype, torch.float32)).square())
             if Gw is not None:
                 crosses.append(gw @ Gw)
     norm = torch.cat(norms)
@@ -386,11 +390,13 @@ def _conv_layer_stats(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, a: torch.Tensor, d: 
 def _affine_stats(g_weight: torch.Tensor, g_bias: torch.Tensor | None, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Norm and cross term from per-sample weight and bias gradients, each (n, parameter size),
     in the wider of their dtype and ``G``'s (a float32 norm layer in a bfloat16 model gets
-    bfloat16 inputs and output gradients, and its ``G`` is float32)."""
+    bfloat16 inputs and output gradients, and its ``G`` is float32; BatchNorm and PReLU
+    statistics are summed in float32, and a bfloat16 layer's ``G`` is bfloat16)."""
     if G is not None:
         dtype = torch.promote_types(g_weight.dtype, G["weight"].dtype)
         g_weight = g_weight.to(dtype)
         g_bias = g_bias.to(dtype) if g_bias is not None else None
+        G = {k: v.to(dtype) for k, v in G.items()}
     norm = g_weight.pow(2).sum(1)
     cross = g_weight @ G["weight"].flatten() if G is not None else None
     if g_bias is not None:
@@ -633,6 +639,8 @@ class ParamGradStats:
         for (name, _), rec in zip(self.covered, records):
             if len(rec) != 3:
                 odd[name] = f"runs {len(rec) // 3} times per forward pass"
+            elif rec[0] is None:
+                odd[name] = "gets tensors besides its input (offsets or per_sample_weights), which its statistics do not read"
             elif rec[0].shape[:1] != (n,):
                 odd[name] = f"gets inputs of shape {tuple(rec[0].shape)}, whose first axis is not the batch's {n} samples"
             elif rec[1].shape[:1] != (n,):
@@ -666,9 +674,17 @@ class ParamGradStats:
                     for i, (m, rec, d) in enumerate(zip(modules, records, deltas))
                 ]
                 if layers:  # summed in float64, in one reduction per statistic
-                    norm += w * torch.stack([n_l for n_l, _ in layers]).sum(0, dtype=torch.float64)
-                    if self.G_layers is not None:
-                        cross += w * torch.stack([c_l for _, c_l in layers]).sum(0, dtype=torch.float64)
+                    n_sum = torch.stack([n_l for n_l, _ in layers]).sum(0, dtype=torch.float64)
+                    c_sum = torch.stack([c_l for _, c_l in layers]).sum(0, dtype=torch.float64) if self.G_layers is not None else None
+                    # a float16 layer's statistics can overflow where the general path, which
+                    # sums squares in float32, does not: checked on every batch with finite logits
+                    if not (n_sum.isfinite().all() and (c_sum is None or c_sum.isfinite().all())) and logits.isfinite().all():
+                        overflow = [name for (name, _), (n_l, c_l) in zip(self.covered, layers) if not (n_l.isfinite().all() and (c_l is None or c_l.isfinite().all()))]
+                        self._demote(dict.fromkeys(overflow, "gives statistics that overflow its dtype"))
+                        return self._batch(x, pseudo_label)
+                    norm += w * n_sum
+                    if c_sum is not None:
+                        cross += w * c_sum
             if not self.checked:
                 wrong = self._disagreeing(x, r, layers)
                 self.checked = wrong is not None  # None: r is zero on this batch, check the next
@@ -754,8 +770,10 @@ class ParamGradStats:
         if g is None:
             rows = _single_sample_grads(self.model, x, r, [params[n] for n in self.other])
             g = {n: torch.stack([row[k] for row in rows]) for k, n in enumerate(self.other)}
-        norm = sum(v.flatten(1).pow(2).sum(1) for v in g.values()).double()
+        # in at least float32, which a float16 layer's gradients do not overflow
+        wide = {n: torch.promote_types(v.dtype, torch.float32) for n, v in g.items()}
+        norm = sum(torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=wide[n]).square() for n, v in g.items()).double()
         if self.G_other is None:
             return norm, torch.zeros_like(norm)
-        cross = sum(v.flatten(1) @ self.G_other[n].flatten() for n, v in g.items()).double()
+        cross = sum(v.flatten(1).to(wide[n]) @ self.G_other[n].flatten().to(wide[n]) for n, v in g.items()).double()
         return norm, cross
