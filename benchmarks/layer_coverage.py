@@ -1,16 +1,21 @@
 """Cost of dynamicAL params="all" on models beyond the engine table (benchmarks/engine_speed.py):
 sequence, text, tabular, depthwise-separable and 3-D convolutional models, whose Embedding,
 EmbeddingBag, LayerNorm, GroupNorm, Conv1d, BatchNorm1d, grouped (depthwise) Conv2d and Conv3d
-layers have dynal's per-layer fast path.
+layers have dynal's per-layer fast path, and two models with layers outside it: a transformer
+built from nn.TransformerEncoderLayer (nn.MultiheadAttention) and a ResNet-18 with a
+user-defined layer (a learned per-channel scale after each block).
 
 For each model, on the same random pool (CPU):
   (a) inference     forward pass over the pool (no_grad, eval mode), in batches of 16 to 256
                     samples: the fastest batch size is reported
-  (c) all           dynal's ParamGradStats (every layer of these models on the fast path)
-  (g) general       the layers named above on dynal's general path (torch.func's vmap over
-                    grad for their parameters), as before they had a fast path; for the first
-                    three models also passes split only to bound convolutions' per-sample
-                    gradients, not by layer output size, as before that split existed
+  (c) all           dynal's ParamGradStats (every layer of the first six models on the fast path;
+                    in the last two, the layers outside it take torch.func on their own module)
+  (g) general       the first six models: the layers named above on dynal's general path
+                    (torch.func's vmap over grad for their parameters, on the whole model), as
+                    before they had a fast path; for the first three models also passes split
+                    only to bound convolutions' per-sample gradients, not by layer output size,
+                    as before that split existed. The last two: the layers outside the fast
+                    path on the whole model, as before they replayed their own module
   (d) vmap          per-sample gradients of all parameters materialized with torch.func
 (c) and (g) run in the library's default chunks of 1,024 (which ParamGradStats splits into
 passes whose largest layer output is near 8 MB); (c), (g) and (d) are checked to give the same
@@ -33,6 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from dynal.engine.param_grads import ParamGradStats, param_grad_sum
+from dynal.models import ResNet18
+from dynal.models.resnet import BasicBlock
 from dynal.resources import Measure
 
 NEW_LAYERS = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.BatchNorm1d)
@@ -131,30 +138,71 @@ class BagOfWords(nn.Module):
         return self.head(self.features(x))
 
 
+class AttentionTransformer(nn.Module):
+    """Token ids -> embeddings plus fixed positions -> ``nn.TransformerEncoder`` (pre-norm
+    ``nn.TransformerEncoderLayer``, whose ``nn.MultiheadAttention`` runs its projections inside
+    one function, outside the per-layer fast path) -> mean."""
+
+    def __init__(self, vocab: int, length: int, dim: int = 128, blocks: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        angle = torch.arange(length)[:, None] / 10_000 ** (torch.arange(0, dim, 2) / dim)
+        self.register_buffer("position", torch.cat([angle.sin(), angle.cos()], 1))
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.encoder(self.embed(x.long()) + self.position)).mean(1))
+
+
+class ChannelScale(nn.Module):
+    """A user-defined layer: a learned scale per channel (as LayerScale), a raw parameter."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma[:, None, None]
+
+
+def scaled_resnet() -> nn.Module:
+    """dynal's ResNet-18 (width 0.5) with a :class:`ChannelScale` after each basic block."""
+    model = ResNet18((3, 32, 32), 10, width=0.5)
+    layers = []
+    for m in model.body:
+        layers += [m, ChannelScale(m.conv2.out_channels)] if isinstance(m, BasicBlock) else [m]
+    model.body = nn.Sequential(*layers)
+    return model
+
+
 def _new(m: nn.Module) -> bool:
     """A layer that took the general path before it had a fast one."""
     grouped_or_padded = isinstance(m, nn.Conv2d) and (m.groups > 1 or m.padding_mode != "zeros")
     return isinstance(m, (*NEW_LAYERS, nn.Conv3d, nn.EmbeddingBag)) or grouped_or_padded
 
 
-# label, model, input maker (n, generator) -> float32 array, pool size, sub-pool of (d), and whether
-# (g) runs whole chunks (dynal before its passes were split by layer output size)
+# label, model, input maker (n, generator) -> float32 array, pool size, sub-pool of (d), whether
+# (g) runs whole chunks (dynal before its passes were split by layer output size), and whether
+# the model has layers outside the fast path ((g): on the whole model instead of their module)
+TOKENS = lambda n, rng: np.where(np.arange(64) < 50, rng.integers(1, 30_000, (n, 64)), 0).astype(np.float32)  # noqa: E731
 CASES = [
-    ("transformer, vocabulary 30,000, 64 tokens", lambda: TextTransformer(30_000, 64),
-     lambda n, rng: np.where(np.arange(64) < 50, rng.integers(1, 30_000, (n, 64)), 0).astype(np.float32), 512, 64, True),
-    ("1-D CNN, 8 x 256 series", lambda: series_cnn(8), lambda n, rng: rng.normal(size=(n, 8, 256)).astype(np.float32), 1024, 128, True),
-    ("tabular MLP + BatchNorm1d, 64 features", lambda: tabular_mlp(64), lambda n, rng: rng.normal(size=(n, 64)).astype(np.float32), 8192, 1024, True),
-    ("depthwise-separable CNN, 3 x 32 x 32", separable_cnn, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 512, 64, False),
-    ("bag of words, vocabulary 30,000, 64 tokens", lambda: BagOfWords(30_000),
-     lambda n, rng: np.where(np.arange(64) < 50, rng.integers(1, 30_000, (n, 64)), 0).astype(np.float32), 4096, 256, False),
-    ("3-D CNN, 1 x 16 x 32 x 32 volumes", volume_cnn, lambda n, rng: rng.normal(size=(n, 1, 16, 32, 32)).astype(np.float32), 256, 32, False),
+    ("transformer, vocabulary 30,000, 64 tokens", lambda: TextTransformer(30_000, 64), TOKENS, 512, 64, True, False),
+    ("1-D CNN, 8 x 256 series", lambda: series_cnn(8), lambda n, rng: rng.normal(size=(n, 8, 256)).astype(np.float32), 1024, 128, True, False),
+    ("tabular MLP + BatchNorm1d, 64 features", lambda: tabular_mlp(64), lambda n, rng: rng.normal(size=(n, 64)).astype(np.float32), 8192, 1024, True, False),
+    ("depthwise-separable CNN, 3 x 32 x 32", separable_cnn, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 512, 64, False, False),
+    ("bag of words, vocabulary 30,000, 64 tokens", lambda: BagOfWords(30_000), TOKENS, 4096, 256, False, False),
+    ("3-D CNN, 1 x 16 x 32 x 32 volumes", volume_cnn, lambda n, rng: rng.normal(size=(n, 1, 16, 32, 32)).astype(np.float32), 256, 32, False, False),
+    ("nn.TransformerEncoder (nn.MultiheadAttention), vocabulary 30,000, 64 tokens", lambda: AttentionTransformer(30_000, 64), TOKENS, 512, 64, False, True),
+    ("ResNet-18 w0.5 + a user-defined scale layer, 3 x 32 x 32", scaled_resnet, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 256, 32, False, True),
 ]
 PATHS = ("inference", "all", "general", "vmap")
 
 
 def _setup(case: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    _, make, draw, n, n_sub, whole_chunks = CASES[case]
+    _, make, draw, n, n_sub, whole_chunks, replays = CASES[case]
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = make()
@@ -164,11 +212,13 @@ def _setup(case: int, threads: int) -> dict:
     model.eval()
     X, X_lab, y_lab = draw(n, rng), draw(N_LABELED, rng), rng.integers(0, 10, N_LABELED)
     G = param_grad_sum(model, X_lab, y_lab, CHUNK)["G_S"]
-    fast = ParamGradStats(model, G)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning that names the general path's layers
+        fast = ParamGradStats(model, G)
         general = ParamGradStats(model, G)
-        general._plan(exclude=[name for name, m in model.named_modules() if _new(m)])
+        general.per_module = False  # uncovered parameters on the whole model, as before
+        if not replays:
+            general._plan(exclude=[name for name, m in model.named_modules() if _new(m)])
         if whole_chunks:
             general.forward_batch = CHUNK  # passes split only for convolutions, as before
 
@@ -227,7 +277,7 @@ def main() -> None:
         "| (c)/(a) time | (g)/(c) time | (d)/(c) time | peak MB (a) / (c) / (g) / (d) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for case, (label, _, _, n, n_sub, _) in enumerate(CASES):
+    for case, (label, _, _, n, n_sub, _, _) in enumerate(CASES):
         t = pool.submit(timings, case, args.threads, args.rounds).result()
         mems = [pool.submit(peak_memory, case, t["inference_path"] if p == "inference" else p, args.threads).result() for p in PATHS]
         rate = lambda p: f"{n / t[p]:,.0f}"  # noqa: E731
@@ -240,7 +290,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        write_report(args.out, "params='all' on sequence, text, tabular, depthwise-separable and 3-D models",
+        write_report(args.out, "params='all' on sequence, text, tabular, depthwise-separable and 3-D models, and layers outside the fast path",
                      f"python benchmarks/layer_coverage.py --threads {args.threads} --rounds {args.rounds} --out {args.out}", text)
 
 

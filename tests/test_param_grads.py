@@ -213,17 +213,22 @@ def test_uncovered_layers_fall_back_with_a_warning_and_in_place_ops_are_handled(
     _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
 
 
-def test_the_general_path_materializes_per_sample_gradients_in_bounded_slices(monkeypatch):
+@pytest.mark.parametrize("per_module", [True, False])
+def test_the_general_path_materializes_per_sample_gradients_in_bounded_slices(per_module, monkeypatch):
     torch.manual_seed(25)
     model = InplaceNet().eval()
     X_lab, y_lab, X_pool = torch.randn(5, 5), torch.randint(0, 3, (5,)), torch.randn(7, 5)
     size = sum(p.numel() for p in model.conv.parameters())
     monkeypatch.setattr("dynal.engine.param_grads._BLOCK_ELEMENTS", 2 * size)  # 2 samples per slice
-    slices = []
-    block = ParamGradStats._other_block
-    monkeypatch.setattr(ParamGradStats, "_other_block", lambda self, x, *a: slices.append(len(x)) or block(self, x, *a))
+    slices = {"module": [], "model": []}
+    unit_block, other_block, init = ParamGradStats._unit_block, ParamGradStats._other_block, ParamGradStats.__init__
+    # the module replay's cotangents and the whole model's inputs hold the slice's samples
+    monkeypatch.setattr(ParamGradStats, "_unit_block", lambda self, *a: slices["module"].append(len(a[-1][0])) or unit_block(self, *a))
+    monkeypatch.setattr(ParamGradStats, "_other_block", lambda self, x, *a: slices["model"].append(len(x)) or other_block(self, x, *a))
+    monkeypatch.setattr(ParamGradStats, "__init__", lambda self, *a: init(self, *a) or setattr(self, "per_module", per_module))
     stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
-    assert "conv (ConvTranspose1d)" in message and slices == [2, 2, 2, 1]
+    assert "conv (ConvTranspose1d)" in message
+    assert slices == ({"module": [2, 2, 2, 1], "model": []} if per_module else {"module": [], "model": [2, 2, 2, 1]})
 
 
 @pytest.mark.parametrize("dims", [1, 2])
@@ -718,9 +723,13 @@ def test_the_first_batch_check_waits_for_a_batch_with_gradients():
         warnings.simplefilter("error")
         norm, _ = stats(sure)
     assert not norm.any() and not stats.checked  # nothing could be compared on that batch
-    with pytest.warns(UserWarning, match=r"layer a \(Linear\)"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         norm, cross = stats(X_pool)
-    assert stats.checked and "a" not in dict(stats.covered)
+    message = " ".join(str(w.message) for w in caught)
+    # the layer, and then the module replaying its call, disagree with the reference
+    assert "layer a (Linear)" in message and "module a (Linear) has per-sample gradients other than" in message
+    assert stats.checked and "a" not in dict(stats.covered) and not stats.units
     _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
 
 
@@ -949,3 +958,149 @@ def test_mixed_precision_layers_are_checked_at_their_own_rounding():
         stats = ParamGradStats(model, None)
         stats(torch.randn(6, 1, 6, 6))
     assert stats.checked and not stats.other
+
+
+class Scale(nn.Module):
+    """A user-defined layer: a learned per-channel scale, a raw parameter of its own."""
+
+    def __init__(self, channels: int, data_dependent: bool = False):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+        self.data_dependent = data_dependent
+
+    def forward(self, x):
+        if self.data_dependent and x.detach().abs().sum().item() < 0:  # torch.func cannot vmap this
+            return x
+        return x * self.gamma.view(-1, *[1] * (x.dim() - 2))
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoder (nn.MultiheadAttention inside) with a causal mask of its own, shared
+    by the samples, and a padding mask per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        pad = x[..., 0] > 1.5  # some positions of some samples are padding
+        pad[:, 0] = False
+        return self.head(self.enc(self.embed(x), mask=mask, src_key_padding_mask=pad)[:, 0])
+
+
+def _module_models():
+    torch.manual_seed(30)
+    scaled = nn.Sequential(nn.Conv2d(2, 4, 3), Scale(4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(36, 3))
+    return {"transformer": (Encoder(), (5, 3)), "scale": (scaled, (2, 5, 5))}
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")  # torch's own
+@pytest.mark.parametrize("pseudo_label", ["argmax", "expected"])
+@pytest.mark.parametrize("name", ["transformer", "scale"])
+def test_uncovered_modules_replay_their_own_calls_instead_of_the_whole_model(name, pseudo_label, monkeypatch):
+    model, shape = _module_models()[name]
+    model.eval()
+    X_lab, y_lab, X_pool = torch.randn(6, *shape), torch.randint(0, 3, (6,)), torch.randn(7, *shape)
+    whole = []
+    block = ParamGradStats._other_block
+    monkeypatch.setattr(ParamGradStats, "_other_block", lambda self, *a: whole.append(1) or block(self, *a))
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 4)["G_S"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool, pseudo_label=pseudo_label)
+    ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool, pseudo_label)
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=1e-4)
+    if pseudo_label == "argmax":
+        np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=1e-4, atol=1e-4 * np.abs(ref_cross).max())
+    else:  # E_y <g_y, G_S> = 0
+        assert np.abs(cross.numpy()).max() < 1e-5 * ref_norm.max()
+    expected = ["enc.layers.0.self_attn", "enc.layers.1.self_attn"] if name == "transformer" else ["1"]
+    assert [u.name for u in stats.units] == expected and all(u.checked for u in stats.units)
+    assert not whole and not stats._whole_model_params()
+    if name == "transformer":  # out_proj, a Linear that the attention never calls, joins it
+        assert "layer enc.layers.0.self_attn.out_proj (" in " ".join(str(w.message) for w in caught)
+        assert set(stats.units[0].params) == {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
+        mask_dims = [dim for t, dim in zip(stats.units[0].shapes, stats.units[0].dims) if t is not None]
+        assert mask_dims == [0, 0, 0, None, 0]  # query, key, value, the causal mask (shared), the padding mask
+    else:
+        assert stats.clone_outputs  # the in-place ReLU rewrites the scale's output
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+def test_a_shared_argument_as_long_as_the_batch_is_told_from_the_samples():
+    # 5 samples of 5 positions: the causal mask's first axis is as long as the samples'; a probe
+    # pass on two samples tells them apart, so the attention keeps replaying its own calls
+    model, shape = _module_models()["transformer"]
+    X_lab, y_lab, X_pool = torch.randn(6, *shape), torch.randint(0, 3, (6,)), torch.randn(5, *shape)
+    stats, message = _check_against_reference(model.eval(), X_lab, y_lab, X_pool)
+    assert [u.name for u in stats.units] == ["enc.layers.0.self_attn", "enc.layers.1.self_attn"]
+    assert [dim for t, dim in zip(stats.units[0].shapes, stats.units[0].dims) if t is not None] == [0, 0, 0, None, 0]
+    assert "module" not in message  # no module handed its parameters on
+
+
+class Outer(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.inner = Scale(4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if self.kind == "used outside":  # the inner scale's parameter is read here too
+            return self.mix(self.inner(x)) + x * self.inner.gamma
+        if self.kind == "runs twice":
+            return self.mix(self.inner(torch.tanh(self.inner(x))))
+        return self.mix(self.inner(x))  # "runs twice on large batches": see the test
+
+
+@pytest.mark.parametrize("kind", ["used outside", "runs twice"])
+def test_a_module_that_cannot_replay_hands_its_parameters_to_the_module_containing_it(kind):
+    torch.manual_seed(31)
+    model = nn.Sequential(Outer(kind), nn.Tanh(), nn.Linear(4, 3)).eval()
+    X_lab, y_lab, X_pool = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(7, 4)
+    stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
+    assert [u.name for u in stats.units] == ["0"] and set(stats.units[0].params) == {"inner.gamma"}
+    if kind == "used outside":
+        assert "module 0.inner (Scale) has per-sample gradients other than" in message
+
+
+def test_a_module_whose_calls_change_between_batches_is_handed_on():
+    class Varying(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = Scale(4), nn.Linear(4, 3)
+            self.twice = False
+
+        def forward(self, x):
+            h = self.inner(x)
+            return self.head(self.inner(h) if self.twice else h)
+
+    torch.manual_seed(32)
+    model = Varying().eval()
+    X_lab, y_lab = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.warns(UserWarning, match=r"no fast per-sample gradient for inner \(Scale\)"):
+        stats = ParamGradStats(model, None)  # G_S would depend on the model's state
+    for twice in (False, True):
+        model.twice = twice
+        X_pool = torch.randn(5, 4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            norm, _ = stats(X_pool)
+        np.testing.assert_allclose(norm.numpy(), _reference(model, X_lab, y_lab, X_pool)[0], rtol=1e-4)
+        assert [u.name for u in stats.units] == ([] if twice else ["inner"])
+    assert "module inner (Scale) runs 2 times per forward pass" in str(caught[0].message)
+    assert stats._whole_model_params() == ["inner.gamma"]
+
+
+def test_a_module_torch_func_cannot_run_is_replayed_one_sample_at_a_time():
+    torch.manual_seed(33)
+    model = nn.Sequential(nn.Linear(4, 4), Scale(4, data_dependent=True), nn.Tanh(), nn.Linear(4, 3)).eval()
+    X_lab, y_lab, X_pool = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(5, 4)
+    stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
+    assert [u.name for u in stats.units] == ["1"] and stats.units[0].loop and not stats.loop_fallback
+    assert "torch.func cannot take per-sample gradients of 1 (Scale)" in message

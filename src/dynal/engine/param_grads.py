@@ -27,10 +27,12 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
   with the bag's output gradient (divided by its size for "mean") at each position.
 - ``nn.PReLU``: ``g = sum delta * min(a, 0)`` over each channel's positions.
 
-Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), or to a
-loop over single samples where torch.func cannot run the model, with a warning naming the
-layer; so do covered layers that turn out, while the model runs, not to follow their formula
-(see :class:`ParamGradStats`).
+Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), with a
+warning naming the layer: on their own module alone where it can be (its recorded call replayed
+on each sample against its recorded output gradient, so a user-defined layer or an
+``nn.MultiheadAttention`` costs about one more pass of that module), else on the whole model,
+and one sample at a time where torch.func cannot run them; so do covered layers that turn out,
+while the model runs, not to follow their formula (see :class:`ParamGradStats`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -48,6 +50,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dynal.engine.modes import equal_parts, eval_mode, forward_batch
 
@@ -184,16 +187,32 @@ def residuals(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return r
 
 
+def _one_sample_grads(loss: Callable[[int], torch.Tensor], n: int, params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The gradient of ``loss(i)`` with respect to each of ``params`` for ``i < n``, one at a time
+    (zeros for a parameter that ``loss(i)`` does not use)."""
+    rows = []
+    for i in range(n):
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss(i), list(params), allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g for g, p in zip(grads, params)])
+    return rows
+
+
 def _single_sample_grads(model: nn.Module, x: torch.Tensor, r: torch.Tensor, params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     """``J_u^T r_u`` for each sample ``u`` of ``x`` and each of ``params``, one sample at a time
     (zeros for a parameter the pass does not use): the obviously correct, slow reference."""
-    rows = []
-    for i in range(len(x)):
-        with torch.enable_grad():
-            out = model(x[i : i + 1])
-            grads = torch.autograd.grad((out[0] * r[i]).sum(), list(params), allow_unused=True)
-        rows.append([torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g for g, p in zip(grads, params)])
-    return rows
+    return _one_sample_grads(lambda i: (model(x[i : i + 1])[0] * r[i]).sum(), len(x), params)
+
+
+def _grad_stats(g: dict[str, torch.Tensor], G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm and cross term (float64) from materialized per-sample gradients ``{name: (n, ...)}``,
+    summed in at least float32, which a float16 layer's gradients do not overflow."""
+    wide = {k: torch.promote_types(v.dtype, torch.float32) for k, v in g.items()}
+    norm = sum(torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=wide[k]).square() for k, v in g.items()).double()
+    if G is None:
+        return norm, torch.zeros_like(norm)
+    cross = sum(v.flatten(1).to(wide[k]) @ G[k].flatten().to(wide[k]) for k, v in g.items()).double()
+    return norm, cross
 
 
 @contextmanager
@@ -219,6 +238,36 @@ def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[l
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     try:
         yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _record_calls(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[list[SimpleNamespace]]]:
+    """Record every call of each module: its arguments as a flat list of leaves with their tree
+    (tensors detached, or copied with ``clone``), its tensor outputs (attached), and each of
+    these tensors with its version, so that an in-place change after the call shows. With
+    ``clone``, later code gets a copy of each tensor output."""
+    calls: list[list[SimpleNamespace]] = [[] for _ in modules]
+
+    def hook(i: int):
+        def fn(module: nn.Module, args: tuple, kwargs: dict, output):
+            leaves, tree = tree_flatten((args, kwargs))
+            kept = [(t.detach().clone() if clone else t.detach()) if isinstance(t, torch.Tensor) else t for t in leaves]
+            outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+            watched = [t for t in leaves if isinstance(t, torch.Tensor)] + outputs
+            calls[i].append(SimpleNamespace(leaves=kept, tree=tree, outputs=outputs, versions=[(t, t._version) for t in watched]))
+            if not clone:
+                return None
+            flat, spec = tree_flatten(output)
+            return tree_unflatten([t.clone() if isinstance(t, torch.Tensor) else t for t in flat], spec)
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    try:
+        yield calls
     finally:
         for h in handles:
             h.remove()
@@ -520,6 +569,15 @@ def _fast_class(module: nn.Module) -> type | None:
 
 
 @contextmanager
+def _quiet_batching_fallback() -> Iterator[None]:
+    """Silence torch.func's note that an operator (attention's fused kernel on CPU, say) has no
+    batching rule and runs sample by sample: the result is the same, and it is what is asked."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
+        yield
+
+
+@contextmanager
 def _own_tensors_kept(model: nn.Module) -> Iterator[None]:
     """Give every module its own parameter and buffer objects back on exit: ``functional_call``
     leaves a plain tensor in place of the ``Parameter`` of a module registered under two names
@@ -536,11 +594,21 @@ def _own_tensors_kept(model: nn.Module) -> Iterator[None]:
 class ParamGradStats:
     """Per-sample ``||g_u||^2`` and ``<g_u, G>`` over a model's trainable parameters.
 
+    Covered layers (see :func:`_covered`) take the fast path. The other parameters take
+    ``torch.func`` (``vmap`` over ``grad``) on their own module where that module (or, failing
+    that, the nearest module that contains it) runs once per forward pass on inputs and outputs
+    whose first axis is the samples: its recorded call is replayed on each sample alone against
+    its recorded output gradient, which costs about one more pass of that module. Parameters
+    that no such module holds (one used directly by the model's own ``forward``, or tied
+    between modules) take ``torch.func`` on the whole model.
+
     The first batch with a nonzero gradient checks the fast path against the slow one: for its
-    two samples with the largest ``||r||``, each covered layer's two statistics are compared with
-    a one-sample autograd pass. A layer that disagrees (its weight also used outside its own forward, a hook that
-    changes its output, a first axis that is not the sample axis) or that does not run exactly
-    once per forward pass moves to the general path, with a warning naming it.
+    two samples with the largest ``||r||``, each covered layer's and each module's two statistics
+    are compared with a one-sample autograd pass of the whole model. A layer that disagrees (its
+    weight also used outside its own forward, a hook that changes its output, a first axis that
+    is not the sample axis) or that does not run exactly once per forward pass moves to the
+    general path, and a module that disagrees hands its parameters to the module that contains
+    it, with a warning naming it.
 
     Parameters
     ----------
@@ -558,6 +626,8 @@ class ParamGradStats:
         self.checked = False  # the fast path was compared with the one-sample reference
         self.loop_fallback = False  # torch.func failed on this model: one sample at a time
         self.forward_batch = forward_batch
+        self.failed_modules: set[str] = set()  # modules whose own replay cannot be trusted
+        self.per_module = True  # False: every uncovered parameter on the whole model (for comparison)
         self._plan(exclude=[])
         if not self.covered and not self.other:
             raise ValueError("the model has no trainable parameters")
@@ -570,17 +640,100 @@ class ParamGradStats:
             )
 
     def _plan(self, exclude: list[str]) -> None:
-        """Split the parameters between the fast path and the general one."""
+        """Split the parameters between the fast path and the general one (the modules that
+        replay their own calls are chosen on the next batch)."""
         self.excluded = exclude
         self.covered, self.other = split_parameters(self.model, exclude)
+        self.units: list[SimpleNamespace] | None = None
         G = self.G
         self.G_layers = None
         if G is not None:
             self.G_layers = [{n: G[f"{name}.{n}" if name else n] for n, _ in m.named_parameters(recurse=False)} for name, m in self.covered]
-        self.G_other = {n: G[n] for n in self.other} if G is not None else None
         self.layer_stats = [_FAST[_fast_class(m)][0] for _, m in self.covered]
         conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, _CONVOLUTIONS)]
         self.conv_batch = max(16, _CACHE_ELEMENTS // max(conv_sizes)) if conv_sizes else None
+
+    def _candidates(self) -> dict[str, list[str]]:
+        """Per uncovered parameter that a single module owns, the modules that may replay their
+        call for it, innermost first: the owner and its ancestors below the model itself, less
+        those that failed before."""
+        if not self.per_module:
+            return {}
+        uses = Counter(id(p) for m in self.model.modules(remove_duplicate=False) for p in m.parameters(recurse=False))
+        params = dict(self.model.named_parameters())
+        chains = {}
+        for name in self.other:
+            path = name.split(".")[:-1]
+            chain = [m for m in (".".join(path[:k]) for k in range(len(path), 0, -1)) if m not in self.failed_modules]
+            if uses[id(params[name])] == 1 and chain:
+                chains[name] = chain
+        return chains
+
+    def _choose_units(self, x: torch.Tensor, calls: dict[str, list[SimpleNamespace]]) -> None:
+        """Give each candidate parameter to the innermost of its modules that ran once on the
+        batch ``x`` with a sample axis first on every output that has a gradient; fix that
+        module's arguments' sample axes for the later batches: those whose first axis is the
+        batch's size, and also the probe's on a pass of two samples (one if the batch has two),
+        so that a shared argument as long as the batch (a causal mask) is not taken for one."""
+        n, m = len(x), 2 if len(x) > 2 else 1
+        probe: dict[str, list[SimpleNamespace]] = {}
+        if n > 1 and calls:
+            with torch.enable_grad(), _record_calls([self.model.get_submodule(name) for name in calls], clone=False) as probed:
+                self.model(x[:m])
+            probe = dict(zip(calls, probed))
+
+        def first_axis(t: object, size: int) -> bool:
+            return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size
+
+        units: dict[str, SimpleNamespace] = {}
+        for name, chain in self._candidates().items():
+            mname = next((m for m in chain if len(calls[m]) == 1 and self._outputs_batched(calls[m][0], n)), None)
+            if mname is None:
+                continue
+            if mname not in units:
+                call = calls[mname][0]
+                seen = probe.get(mname, [])
+                if len(seen) == 1 and len(seen[0].leaves) == len(call.leaves):
+                    dims = [0 if first_axis(t, n) and first_axis(u, m) else None for t, u in zip(call.leaves, seen[0].leaves)]
+                else:  # no probe (a batch of one) or another call on it: the batch's own sizes
+                    dims = [0 if first_axis(t, n) else None for t in call.leaves]
+                shapes = [t.shape if isinstance(t, torch.Tensor) else None for t in call.leaves]
+                units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, tree=call.tree, checked=False, loop=False)
+            units[mname].params[name[len(mname) + 1 :]] = name
+        self.units = list(units.values())
+
+    @staticmethod
+    def _outputs_batched(call: SimpleNamespace, n: int) -> bool:
+        return all(t.dim() and t.shape[0] == n for t in call.outputs if t.requires_grad)
+
+    def _unit_problem(self, unit: SimpleNamespace, calls: list[SimpleNamespace], n: int) -> str | None:
+        """Why a module's recorded calls on this batch cannot be replayed as on the first, if so."""
+        if len(calls) != 1:
+            return f"runs {len(calls)} times per forward pass"
+        call = calls[0]
+        if call.tree != unit.tree or any(isinstance(t, torch.Tensor) != (shape is not None) for t, shape in zip(call.leaves, unit.shapes)):
+            return "gets other arguments than on the first batch"
+        for t, dim, shape in zip(call.leaves, unit.dims, unit.shapes):
+            if isinstance(t, torch.Tensor) and (t.shape[:1] != (n,) if dim == 0 else t.shape != shape):
+                return f"gets an argument of shape {tuple(t.shape)}, whose sample axis differs from the first batch's"
+        if not self._outputs_batched(call, n):
+            return f"gives outputs whose first axis is not the batch's {n} samples"
+        return None
+
+    def _unit_failed(self, reasons: dict[str, str]) -> None:
+        """Hand modules' parameters on to the modules that contain them, saying why."""
+        for name, why in reasons.items():
+            warnings.warn(
+                f"params='all': module {self._label(name)} {why}; taking its parameters' per-sample gradients on a module that contains it, or on the whole model",
+                stacklevel=4,
+            )
+        self.failed_modules.update(reasons)
+        self.units = None
+
+    def _whole_model_params(self) -> list[str]:
+        """The uncovered parameters that no module replays."""
+        replayed = {full for u in self.units for full in u.params.values()}
+        return [n for n in self.other if n not in replayed]
 
     def _demote(self, reasons: dict[str, str]) -> None:
         """Move covered layers to the general path, saying why."""
@@ -591,13 +744,16 @@ class ParamGradStats:
             )
         self._plan([*self.excluded, *reasons])
 
-    def _forward(self, x: torch.Tensor, modules: list[nn.Module], clone: bool) -> tuple[torch.Tensor, list[list]]:
-        with torch.enable_grad(), _record_layers(modules, clone) as records:
+    def _forward(self, x: torch.Tensor, modules: list[nn.Module], watched: list[str], clone: bool) -> tuple[torch.Tensor, list[list], dict[str, list[SimpleNamespace]]]:
+        """The logits, the covered layers' records and the calls of the ``watched`` modules."""
+        with torch.enable_grad(), _record_layers(modules, clone) as records, _record_calls([self.model.get_submodule(m) for m in watched], clone) as calls:
             logits = self.model(x)
-        return logits, records
+        return logits, records, dict(zip(watched, calls))
 
     def _owner(self, param_name: str) -> str:
-        mname = param_name.rpartition(".")[0]
+        return self._label(param_name.rpartition(".")[0])
+
+    def _label(self, mname: str) -> str:
         module = self.model.get_submodule(mname) if mname else self.model
         return f"{mname or 'model'} ({type(module).__name__})"
 
@@ -634,7 +790,9 @@ class ParamGradStats:
         if n == 0:
             return norm, cross
         modules = [m for _, m in self.covered]
-        logits, records = self._forward(x, modules, clone=self.clone_outputs)
+        choosing = self.units is None  # watch every candidate module on this pass
+        watched = sorted({m for chain in self._candidates().values() for m in chain}) if choosing else [u.name for u in self.units]
+        logits, records, calls = self._forward(x, modules, watched, clone=self.clone_outputs)
         odd = {}
         for (name, _), rec in zip(self.covered, records):
             if len(rec) != 3:
@@ -648,9 +806,19 @@ class ParamGradStats:
         if odd:
             self._demote(odd)
             return self._batch(x, pseudo_label)
-        if any(rec[1]._version != rec[2] for rec in records):
-            self.clone_outputs = True  # an in-place op rewrote a layer output: redo with copies
-            logits, records = self._forward(x, modules, clone=True)
+        if choosing:
+            self._choose_units(x, calls)
+        problems = {u.name: why for u in self.units if (why := self._unit_problem(u, calls[u.name], n))}
+        if problems:
+            self._unit_failed(problems)
+            return self._batch(x, pseudo_label)
+        # the calls of the modules that replay them, not of the other candidates
+        rewritten = any(t._version != v for u in self.units for t, v in calls[u.name][0].versions)
+        if rewritten or any(rec[1]._version != rec[2] for rec in records):
+            self.clone_outputs = True  # an in-place op rewrote a recorded tensor: redo with copies
+            watched = [u.name for u in self.units]
+            logits, records, calls = self._forward(x, modules, watched, clone=True)
+        unit_calls = [calls[u.name][0] for u in self.units]
         p = F.softmax(logits.detach().double(), dim=1)
         if pseudo_label == "argmax":
             labels, label_weights = [p.argmax(1)], [torch.ones(n, dtype=torch.float64)]
@@ -659,13 +827,15 @@ class ParamGradStats:
             label_weights = [p[:, k] for k in range(p.shape[1])]
         # a layer output that the logits do not depend on with a gradient (computed under
         # no_grad, detached, or not used) gives that layer a zero per-sample gradient
-        live = [i for i, rec in enumerate(records) if rec[1].requires_grad] if logits.requires_grad else []
+        targets = [rec[1] for rec in records] + [t for call in unit_calls for t in call.outputs]
+        live = [i for i, t in enumerate(targets) if t.requires_grad] if logits.requires_grad else []
+        whole = self._whole_model_params()
         for j, (lab, w) in enumerate(zip(labels, label_weights)):
             r = residuals(p, lab).to(logits.dtype)
             last = j == len(labels) - 1
-            deltas: list[torch.Tensor | None] = [None] * len(records)
+            deltas: list[torch.Tensor | None] = [None] * len(targets)
             if live:
-                grads = torch.autograd.grad(logits, [records[i][1] for i in live], grad_outputs=r, retain_graph=not last, allow_unused=True)
+                grads = torch.autograd.grad(logits, [targets[i] for i in live], grad_outputs=r, retain_graph=not last, allow_unused=True)
                 for i, d in zip(live, grads):
                     deltas[i] = d
             with torch.no_grad():
@@ -685,75 +855,109 @@ class ParamGradStats:
                     norm += w * n_sum
                     if c_sum is not None:
                         cross += w * c_sum
-            if not self.checked:
-                wrong = self._disagreeing(x, r, layers)
-                self.checked = wrong is not None  # None: r is zero on this batch, check the next
-                if wrong:
-                    self._demote(dict.fromkeys(wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, its output changed by a hook, or its first axis not the samples?)"))
+            replayed = []
+            start = len(records)
+            for unit, call in zip(self.units, unit_calls):
+                try:
+                    replayed.append(self._unit_stats(unit, call, deltas[start : start + len(call.outputs)], n))
+                except RuntimeError as err:  # run on one sample, it fails (a shared argument taken for the samples')
+                    reason = (str(err).strip().splitlines() or ["an error"])[0]
+                    self._unit_failed({unit.name: f"cannot run on one sample as it was called ({reason})"})
                     return self._batch(x, pseudo_label)
-            if self.other:
-                n_o, c_o = self._other_stats(x, r)
+                start += len(call.outputs)
+                norm += w * replayed[-1][0]
+                cross += w * replayed[-1][1]
+            if not self.checked or not all(u.checked for u in self.units):
+                wrong = self._disagreeing(x, r, layers, replayed)
+                if wrong is not None:  # None: r is zero on this batch, check the next
+                    self.checked = True
+                    for u in self.units:
+                        u.checked = True
+                    layers_wrong = [name for name, _ in self.covered if ("layer", name) in wrong]
+                    units_wrong = [u.name for u in self.units if ("module", u.name) in wrong]
+                    if layers_wrong:
+                        self._demote(dict.fromkeys(layers_wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, its output changed by a hook, or its first axis not the samples?)"))
+                    if units_wrong:
+                        self._unit_failed(dict.fromkeys(units_wrong, "has per-sample gradients other than replaying its own call gives (is a parameter of it also used outside it, or its first axes not the samples?)"))
+                    if layers_wrong or units_wrong:
+                        return self._batch(x, pseudo_label)
+            if whole:
+                n_o, c_o = self._other_stats(x, r, whole)
                 norm += w * n_o
                 cross += w * c_o
         return norm, cross
 
-    def _disagreeing(self, x: torch.Tensor, r: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[str] | None:
-        """Covered layers whose fast statistics differ from a one-sample autograd pass (by more
-        than 1e-3 relative to the layer's share, or 1e-5 of the sample's total, both eight times
-        the dtype's rounding where that is larger, or what squares
-        of values near the dtype's smallest normal number lose), on the two samples with the
-        largest ``||r||``; ``None`` when ``r`` is zero there, so that nothing can be compared (a
-        batch the model is so sure of that ``r`` underflows)."""
-        if not self.covered:
-            return []
+    def _disagreeing(self, x: torch.Tensor, r: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor | None]], replayed: list[tuple[torch.Tensor, torch.Tensor]]) -> set[tuple[str, str]] | None:
+        """Covered layers (before the first check) and modules replaying their calls (each one's
+        first time) whose statistics differ from a one-sample autograd pass (by more than 1e-3
+        relative to the layer's share, or 1e-5 of the sample's total, both eight times the
+        dtype's rounding where that is larger, or what squares of values near the dtype's
+        smallest normal number lose), on the two samples with the largest ``||r||``; ``None``
+        when ``r`` is zero there, so that nothing can be compared (a batch the model is so sure
+        of that ``r`` underflows). Named as ``("layer", name)`` and ``("module", name)``."""
+        G = self.G
+        entries = []  # (name, parameters, their parts of G, fast norm, fast cross)
+        if not self.checked:
+            for l, (name, m) in enumerate(self.covered):
+                own = list(m.named_parameters(recurse=False))
+                parts = [self.G_layers[l][pn] for pn, _ in own] if G is not None else None
+                entries.append((("layer", name), [p for _, p in own], parts, *layers[l]))
+        for unit, (n_u, c_u) in zip(self.units, replayed):
+            if not unit.checked:
+                own = [(full, unit.module.get_parameter(rel)) for rel, full in unit.params.items()]
+                entries.append((("module", unit.name), [p for _, p in own], [G[full] for full, _ in own] if G is not None else None, n_u, c_u if G is not None else None))
+        if not entries:
+            return set()
         floor = min(1e6 * torch.finfo(r.dtype).tiny, 1e-30)
         # wider for bfloat16 and float16 layers or logits
-        rtols = [max(1e-3, 8 * torch.finfo(r.dtype).eps, 8 * torch.finfo(m.weight.dtype).eps) for _, m in self.covered]
+        rtols = [max(1e-3, 8 * torch.finfo(r.dtype).eps, *(8 * torch.finfo(p.dtype).eps for p in ps)) for _, ps, _, _, _ in entries]
         size, picks = torch.topk(r.double().norm(dim=1), min(2, len(x)))
         if not size.any():
             return None
-        names = [(l, pn) for l, (_, m) in enumerate(self.covered) for pn, _ in m.named_parameters(recurse=False)]
-        params = [self.covered[l][1].get_parameter(pn) for l, pn in names]
-        g_sq = torch.zeros(len(self.covered), dtype=torch.float64)  # ||G||^2 per layer
-        if self.G_layers is not None:
-            for l, pn in names:
-                g_sq[l] += self.G_layers[l][pn].double().pow(2).sum()
+        owner = [e for e, (_, ps, _, _, _) in enumerate(entries) for _ in ps]
+        params = [p for _, ps, _, _, _ in entries for p in ps]
+        parts = [g.double() for _, _, gs, _, _ in entries for g in gs] if G is not None else None
+        g_sq = torch.zeros(len(entries), dtype=torch.float64)  # ||G||^2 per entry
+        if parts is not None:
+            for e, g in zip(owner, parts):
+                g_sq[e] += g.pow(2).sum()
         wrong = set()
         for u in picks.tolist():  # one sample's gradient at a time: memory of one model gradient
             grads = _single_sample_grads(self.model, x[u : u + 1], r[u : u + 1], params)[0]
-            ref_n = torch.zeros(len(self.covered), dtype=torch.float64)
-            ref_c = torch.zeros(len(self.covered), dtype=torch.float64)
-            for (l, pn), g in zip(names, grads):
-                ref_n[l] += g.double().pow(2).sum()
-                if self.G_layers is not None:
-                    ref_c[l] += (g.double() * self.G_layers[l][pn].double()).sum()
+            ref_n = torch.zeros(len(entries), dtype=torch.float64)
+            ref_c = torch.zeros(len(entries), dtype=torch.float64)
+            for k, (e, g) in enumerate(zip(owner, grads)):
+                ref_n[e] += g.double().pow(2).sum()
+                if parts is not None:
+                    ref_c[e] += (g.double() * parts[k]).sum()
             total = float(ref_n.sum())
-            for l, (n_l, c_l) in enumerate(layers):
-                rtol = rtols[l]
-                if abs(float(n_l[u]) - ref_n[l]) > rtol * max(float(n_l[u]), float(ref_n[l])) + 1e-2 * rtol * total + floor:
-                    wrong.add(self.covered[l][0])
-                bound = float((ref_n[l] * g_sq[l]).sqrt())  # |<g, G>| <= ||g|| ||G||
-                if c_l is not None and abs(float(c_l[u]) - ref_c[l]) > rtol * bound + 1e-2 * rtol * (total * float(g_sq.sum())) ** 0.5 + floor:
-                    wrong.add(self.covered[l][0])
-        return [name for name, _ in self.covered if name in wrong]
+            for e, (name, _, _, n_e, c_e) in enumerate(entries):
+                rtol = rtols[e]
+                if abs(float(n_e[u]) - ref_n[e]) > rtol * max(float(n_e[u]), float(ref_n[e])) + 1e-2 * rtol * total + floor:
+                    wrong.add(name)
+                bound = float((ref_n[e] * g_sq[e]).sqrt())  # |<g, G>| <= ||g|| ||G||
+                if c_e is not None and abs(float(c_e[u]) - ref_c[e]) > rtol * bound + 1e-2 * rtol * (total * float(g_sq.sum())) ** 0.5 + floor:
+                    wrong.add(name)
+        return wrong
 
-    def _other_stats(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample statistics of the uncovered parameters via ``vmap(grad)``, or one sample at
-        a time where torch.func cannot run the model; in slices of the batch whose per-sample
-        gradients of those parameters hold at most 2^26 elements (256 MB of float32)."""
+    def _other_stats(self, x: torch.Tensor, r: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample statistics of the parameters ``names`` via ``vmap(grad)`` over the whole
+        model, or one sample at a time where torch.func cannot run the model; in slices of the
+        batch whose per-sample gradients of those parameters hold at most 2^26 elements (256 MB
+        of float32)."""
         params = dict(self.model.named_parameters())
-        size = sum(params[n].numel() for n in self.other)
+        size = sum(params[n].numel() for n in names)
         step = max(1, _BLOCK_ELEMENTS // max(1, size))
-        parts = [self._other_block(x[i : i + step], r[i : i + step], params) for i in range(0, len(x), step)]
+        G = {n: self.G[n] for n in names} if self.G is not None else None
+        parts = [_grad_stats(self._other_block(x[i : i + step], r[i : i + step], params, names), G) for i in range(0, len(x), step)]
         return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
 
-    def _other_block(self, x: torch.Tensor, r: torch.Tensor, params: dict[str, nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_other_stats` of one slice, its per-sample gradients materialized."""
-        g = None
+    def _other_block(self, x: torch.Tensor, r: torch.Tensor, params: dict[str, nn.Parameter], names: list[str]) -> dict[str, torch.Tensor]:
+        """The per-sample gradients of the parameters ``names`` for one slice of the batch."""
         if not self.loop_fallback:
             buffers = dict(self.model.named_buffers())
-            fixed = {n: p.detach() for n, p in params.items() if n not in self.other}
-            free = {n: params[n].detach() for n in self.other}
+            fixed = {n: p.detach() for n, p in params.items() if n not in names}
+            free = {n: params[n].detach() for n in names}
 
             def surrogate(free_params: dict[str, torch.Tensor], xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
                 # d/dtheta <logits, r> = J^T r: the cross-entropy gradient when r = p - e_y
@@ -761,19 +965,70 @@ class ParamGradStats:
                 return (out[0] * ri).sum()
 
             try:
-                with _own_tensors_kept(self.model):
-                    g = vmap(grad(surrogate), in_dims=(None, 0, 0))(free, x, r)
+                with _own_tensors_kept(self.model), _quiet_batching_fallback():
+                    return vmap(grad(surrogate), in_dims=(None, 0, 0))(free, x, r)
             except RuntimeError as err:
                 self.loop_fallback = True
                 reason = (str(err).strip().splitlines() or ["an error"])[0]
-                warnings.warn(f"params='all': torch.func cannot take per-sample gradients of this model ({reason}); taking them one sample at a time", stacklevel=4)
-        if g is None:
-            rows = _single_sample_grads(self.model, x, r, [params[n] for n in self.other])
-            g = {n: torch.stack([row[k] for row in rows]) for k, n in enumerate(self.other)}
-        # in at least float32, which a float16 layer's gradients do not overflow
-        wide = {n: torch.promote_types(v.dtype, torch.float32) for n, v in g.items()}
-        norm = sum(torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=wide[n]).square() for n, v in g.items()).double()
-        if self.G_other is None:
-            return norm, torch.zeros_like(norm)
-        cross = sum(v.flatten(1).to(wide[n]) @ self.G_other[n].flatten().to(wide[n]) for n, v in g.items()).double()
-        return norm, cross
+                warnings.warn(f"params='all': torch.func cannot take per-sample gradients of this model ({reason}); taking them one sample at a time", stacklevel=5)
+        rows = _single_sample_grads(self.model, x, r, [params[n] for n in names])
+        return {n: torch.stack([row[k] for row in rows]) for k, n in enumerate(names)}
+
+    def _unit_stats(self, unit: SimpleNamespace, call: SimpleNamespace, douts: list[torch.Tensor | None], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample statistics of a module's own uncovered parameters from its recorded call
+        and output gradients, with ``vmap(grad)`` over the module alone (or one sample at a
+        time where torch.func cannot run it), in slices as :meth:`_other_stats` takes them."""
+        used = [k for k, d in enumerate(douts) if d is not None]
+        if not used:  # no output reaches the logits with a gradient
+            return _zero_stats(n, torch.float64, True)
+        size = sum(unit.module.get_parameter(rel).numel() for rel in unit.params)
+        step = max(1, _BLOCK_ELEMENTS // size)
+        G = {full: self.G[full] for full in unit.params.values()} if self.G is not None else None
+        parts = []
+        for i in range(0, n, step):
+            rows = slice(i, i + step)
+            leaves = [t[rows] if dim == 0 else t for t, dim in zip(call.leaves, unit.dims)]
+            parts.append(_grad_stats(self._unit_block(unit, call.tree, leaves, used, [douts[k][rows] for k in used]), G))
+        return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
+
+    def _unit_block(self, unit: SimpleNamespace, tree, leaves: list, used: list[int], cotangents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The per-sample gradients of a module's own uncovered parameters for one slice: the
+        gradient of ``sum_k <output_k, cotangent_k>`` with the module run on each sample alone
+        (as a batch of one), the arguments without a sample axis shared."""
+        module, names = unit.module, list(unit.params)
+        mapped = [k for k, dim in enumerate(unit.dims) if dim == 0]
+
+        def outputs(sample_leaves: Sequence[torch.Tensor], params: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+            full = list(leaves)
+            for k, t in zip(mapped, sample_leaves):
+                full[k] = t
+            args, kwargs = tree_unflatten(full, tree)
+            out = module(*args, **kwargs) if params is None else functional_call(module, params, args, kwargs)
+            return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+        if not unit.loop:
+            free = {rel: module.get_parameter(rel).detach() for rel in names}
+            fixed = {rel: p.detach() for rel, p in module.named_parameters() if rel not in unit.params}
+            buffers = dict(module.named_buffers())
+
+            def surrogate(free_params: dict[str, torch.Tensor], sample_leaves: list[torch.Tensor], sample_cot: list[torch.Tensor]) -> torch.Tensor:
+                outs = outputs([t[None] for t in sample_leaves], {**fixed, **free_params, **buffers})
+                return sum((outs[k][0] * c).sum() for k, c in zip(used, sample_cot))
+
+            try:
+                with _own_tensors_kept(module), _quiet_batching_fallback():
+                    g = vmap(grad(surrogate), in_dims=(None, 0, 0))(free, [leaves[k] for k in mapped], cotangents)
+                return {unit.params[rel]: v for rel, v in g.items()}
+            except RuntimeError as err:
+                reason = (str(err).strip().splitlines() or ["an error"])[0]
+
+        def loss(i: int) -> torch.Tensor:
+            outs = outputs([leaves[k][i : i + 1] for k in mapped])
+            return sum((outs[k][0] * c[i]).sum() for k, c in zip(used, cotangents))
+
+        # an error here too means the module cannot run on one sample as recorded (see _batch)
+        rows = _one_sample_grads(loss, len(cotangents[0]), [module.get_parameter(rel) for rel in names])
+        if not unit.loop:
+            unit.loop = True
+            warnings.warn(f"params='all': torch.func cannot take per-sample gradients of {self._label(unit.name)} ({reason}); taking them one sample at a time", stacklevel=5)
+        return {unit.params[rel]: torch.stack([row[j] for row in rows]) for j, rel in enumerate(names)}
