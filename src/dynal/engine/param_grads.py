@@ -70,6 +70,8 @@ def _covered(module: nn.Module) -> bool:
     (no ``max_norm``, sum or mean, one bag per sample: 2-D input) or ``PReLU`` whose only parameters
     are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
     cls = _fast_class(module)
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):  # MultiheadAttention's out_proj, never called
+        return False
     if cls is None or any(getattr(type(module), f) is not getattr(cls, f) for f in _FAST[cls][1]):
         return False
     names = {n for n, _ in module.named_parameters(recurse=False)}
@@ -246,26 +248,36 @@ def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[l
 @contextmanager
 def _record_calls(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[list[SimpleNamespace]]]:
     """Record every call of each module: its arguments as a flat list of leaves with their tree
-    (tensors detached, or copied with ``clone``), its tensor outputs (attached), and each of
-    these tensors with its version, so that an in-place change after the call shows. With
-    ``clone``, later code gets a copy of each tensor output."""
+    (tensors detached, or copied with ``clone``); its tensor outputs as aliases that later code
+    gets instead, so that an output's gradient is only what reaches it from outside the module
+    (not also through another output the module computed from it); whether the call changed its
+    own arguments in place; and each recorded tensor with its version, so that an in-place
+    change after the call shows. With ``clone``, later code gets a copy of each alias."""
     calls: list[list[SimpleNamespace]] = [[] for _ in modules]
+    pending: list[list[list[tuple[torch.Tensor, int]]]] = [[] for _ in modules]  # per module, per open call
 
-    def hook(i: int):
-        def fn(module: nn.Module, args: tuple, kwargs: dict, output):
-            leaves, tree = tree_flatten((args, kwargs))
-            kept = [(t.detach().clone() if clone else t.detach()) if isinstance(t, torch.Tensor) else t for t in leaves]
-            outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-            watched = [t for t in leaves if isinstance(t, torch.Tensor)] + outputs
-            calls[i].append(SimpleNamespace(leaves=kept, tree=tree, outputs=outputs, versions=[(t, t._version) for t in watched]))
-            if not clone:
-                return None
-            flat, spec = tree_flatten(output)
-            return tree_unflatten([t.clone() if isinstance(t, torch.Tensor) else t for t in flat], spec)
+    def pre_hook(i: int):
+        def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            pending[i].append([(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)])
 
         return fn
 
-    handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    def hook(i: int):
+        def fn(module: nn.Module, args: tuple, kwargs: dict, output):
+            changed = any(t._version != v for t, v in pending[i].pop())
+            leaves, tree = tree_flatten((args, kwargs))
+            kept = [(t.detach().clone() if clone else t.detach()) if isinstance(t, torch.Tensor) else t for t in leaves]
+            flat, spec = tree_flatten(output)
+            flat = [t.view_as(t) if isinstance(t, torch.Tensor) else t for t in flat]
+            outputs = [t for t in flat if isinstance(t, torch.Tensor)]
+            watched = [t for t in leaves if isinstance(t, torch.Tensor)] + outputs
+            calls[i].append(SimpleNamespace(leaves=kept, tree=tree, outputs=outputs, changed_input=changed, versions=[(t, t._version) for t in watched]))
+            return tree_unflatten([t.clone() if clone and isinstance(t, torch.Tensor) else t for t in flat], spec)
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    handles += [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     try:
         yield calls
     finally:
@@ -596,11 +608,13 @@ class ParamGradStats:
 
     Covered layers (see :func:`_covered`) take the fast path. The other parameters take
     ``torch.func`` (``vmap`` over ``grad``) on their own module where that module (or, failing
-    that, the nearest module that contains it) runs once per forward pass on inputs and outputs
-    whose first axis is the samples: its recorded call is replayed on each sample alone against
-    its recorded output gradient, which costs about one more pass of that module. Parameters
-    that no such module holds (one used directly by the model's own ``forward``, or tied
-    between modules) take ``torch.func`` on the whole model.
+    that, the nearest module that contains it) runs once per forward pass, leaves its
+    arguments as they were, and has the samples on the first axis of the outputs that reach the
+    logits: its recorded call is replayed on each sample alone against the gradient that reached
+    each output from outside the module, which costs about one more pass of that module. Which
+    arguments and outputs have a sample axis is fixed on the first batch, with a probe pass on
+    two samples. Parameters that no such module holds (one used directly by the model's own
+    ``forward``, or tied between modules) take ``torch.func`` on the whole model.
 
     The first batch with a nonzero gradient checks the fast path against the slow one: for its
     two samples with the largest ``||r||``, each covered layer's and each module's two statistics
@@ -671,53 +685,65 @@ class ParamGradStats:
 
     def _choose_units(self, x: torch.Tensor, calls: dict[str, list[SimpleNamespace]]) -> None:
         """Give each candidate parameter to the innermost of its modules that ran once on the
-        batch ``x`` with a sample axis first on every output that has a gradient; fix that
-        module's arguments' sample axes for the later batches: those whose first axis is the
-        batch's size, and also the probe's on a pass of two samples (one if the batch has two),
-        so that a shared argument as long as the batch (a causal mask) is not taken for one."""
-        n, m = len(x), 2 if len(x) > 2 else 1
+        batch ``x``, without changing its arguments in place, with the samples on the first axis
+        of some output; fix which of that module's arguments and outputs have the samples on
+        their first axis: those whose first axis has the batch's size here and the probe's size
+        in a probe pass on two samples (one if the batch has two; the sample twice if it has
+        one), so that a shared argument as long as the batch (a causal mask), or a
+        sequence-first output as long as it, is not taken for a per-sample one."""
+        n = len(x)
+        m = 1 if n == 2 else 2
         probe: dict[str, list[SimpleNamespace]] = {}
-        if n > 1 and calls:
+        if calls:
             with torch.enable_grad(), _record_calls([self.model.get_submodule(name) for name in calls], clone=False) as probed:
-                self.model(x[:m])
+                self.model(x[:m] if n > 1 else torch.cat([x, x]))
             probe = dict(zip(calls, probed))
 
         def first_axis(t: object, size: int) -> bool:
             return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size
 
+        def layout(mname: str) -> tuple[list[int | None], list[bool]] | None:
+            """The arguments' sample axes and which outputs have one, if the module qualifies."""
+            call, seen = calls[mname], probe[mname]
+            if len(call) != 1 or len(seen) != 1 or call[0].changed_input or seen[0].changed_input:
+                return None
+            call, seen = call[0], seen[0]
+            if len(seen.leaves) != len(call.leaves) or len(seen.outputs) != len(call.outputs):
+                return None
+            batched = [first_axis(t, n) and first_axis(u, m) for t, u in zip(call.outputs, seen.outputs)]
+            dims = [0 if first_axis(t, n) and first_axis(u, m) else None for t, u in zip(call.leaves, seen.leaves)]
+            return (dims, batched) if any(batched) else None
+
         units: dict[str, SimpleNamespace] = {}
         for name, chain in self._candidates().items():
-            mname = next((m for m in chain if len(calls[m]) == 1 and self._outputs_batched(calls[m][0], n)), None)
+            mname = next((c for c in chain if c in units or layout(c) is not None), None)
             if mname is None:
                 continue
             if mname not in units:
                 call = calls[mname][0]
-                seen = probe.get(mname, [])
-                if len(seen) == 1 and len(seen[0].leaves) == len(call.leaves):
-                    dims = [0 if first_axis(t, n) and first_axis(u, m) else None for t, u in zip(call.leaves, seen[0].leaves)]
-                else:  # no probe (a batch of one) or another call on it: the batch's own sizes
-                    dims = [0 if first_axis(t, n) else None for t in call.leaves]
+                dims, batched = layout(mname)
                 shapes = [t.shape if isinstance(t, torch.Tensor) else None for t in call.leaves]
-                units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, tree=call.tree, checked=False, loop=False)
+                units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, batched=batched, tree=call.tree, checked=False, loop=False)
             units[mname].params[name[len(mname) + 1 :]] = name
         self.units = list(units.values())
 
-    @staticmethod
-    def _outputs_batched(call: SimpleNamespace, n: int) -> bool:
-        return all(t.dim() and t.shape[0] == n for t in call.outputs if t.requires_grad)
-
     def _unit_problem(self, unit: SimpleNamespace, calls: list[SimpleNamespace], n: int) -> str | None:
-        """Why a module's recorded calls on this batch cannot be replayed as on the first, if so."""
+        """Why a module's recorded calls on this batch cannot be replayed as the first batch's
+        layout says, if so (a shared argument may change its shape: the replay reads each
+        batch's own)."""
         if len(calls) != 1:
             return f"runs {len(calls)} times per forward pass"
         call = calls[0]
-        if call.tree != unit.tree or any(isinstance(t, torch.Tensor) != (shape is not None) for t, shape in zip(call.leaves, unit.shapes)):
-            return "gets other arguments than on the first batch"
-        for t, dim, shape in zip(call.leaves, unit.dims, unit.shapes):
-            if isinstance(t, torch.Tensor) and (t.shape[:1] != (n,) if dim == 0 else t.shape != shape):
-                return f"gets an argument of shape {tuple(t.shape)}, whose sample axis differs from the first batch's"
-        if not self._outputs_batched(call, n):
-            return f"gives outputs whose first axis is not the batch's {n} samples"
+        if call.changed_input:
+            return "changes its own arguments in place"
+        if call.tree != unit.tree or len(call.outputs) != len(unit.batched) or any(isinstance(t, torch.Tensor) != (shape is not None) for t, shape in zip(call.leaves, unit.shapes)):
+            return "gets other arguments, or gives other outputs, than on the first batch"
+        for t, dim in zip(call.leaves, unit.dims):
+            if dim == 0 and t.shape[:1] != (n,):
+                return f"gets an argument of shape {tuple(t.shape)}, whose first axis is not the batch's {n} samples as on the first batch"
+        for t, batched in zip(call.outputs, unit.batched):
+            if batched and t.shape[:1] != (n,):
+                return f"gives an output of shape {tuple(t.shape)}, whose first axis is not the batch's {n} samples as on the first batch"
         return None
 
     def _unit_failed(self, reasons: dict[str, str]) -> None:
@@ -858,13 +884,17 @@ class ParamGradStats:
             replayed = []
             start = len(records)
             for unit, call in zip(self.units, unit_calls):
+                douts = deltas[start : start + len(call.outputs)]
+                start += len(call.outputs)
+                if any(d is not None and not batched for d, batched in zip(douts, unit.batched)):
+                    self._unit_failed({unit.name: "passes the logits' gradient through an output without the samples on its first axis"})
+                    return self._batch(x, pseudo_label)
                 try:
-                    replayed.append(self._unit_stats(unit, call, deltas[start : start + len(call.outputs)], n))
-                except RuntimeError as err:  # run on one sample, it fails (a shared argument taken for the samples')
-                    reason = (str(err).strip().splitlines() or ["an error"])[0]
+                    replayed.append(self._unit_stats(unit, call, douts, n))
+                except Exception as err:  # noqa: BLE001 - any error: the module cannot run on one sample as called
+                    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
                     self._unit_failed({unit.name: f"cannot run on one sample as it was called ({reason})"})
                     return self._batch(x, pseudo_label)
-                start += len(call.outputs)
                 norm += w * replayed[-1][0]
                 cross += w * replayed[-1][1]
             if not self.checked or not all(u.checked for u in self.units):
@@ -967,9 +997,9 @@ class ParamGradStats:
             try:
                 with _own_tensors_kept(self.model), _quiet_batching_fallback():
                     return vmap(grad(surrogate), in_dims=(None, 0, 0))(free, x, r)
-            except RuntimeError as err:
+            except Exception as err:  # noqa: BLE001 - torch.func raises several kinds
                 self.loop_fallback = True
-                reason = (str(err).strip().splitlines() or ["an error"])[0]
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 warnings.warn(f"params='all': torch.func cannot take per-sample gradients of this model ({reason}); taking them one sample at a time", stacklevel=5)
         rows = _single_sample_grads(self.model, x, r, [params[n] for n in names])
         return {n: torch.stack([row[k] for row in rows]) for k, n in enumerate(names)}
@@ -1019,8 +1049,8 @@ class ParamGradStats:
                 with _own_tensors_kept(module), _quiet_batching_fallback():
                     g = vmap(grad(surrogate), in_dims=(None, 0, 0))(free, [leaves[k] for k in mapped], cotangents)
                 return {unit.params[rel]: v for rel, v in g.items()}
-            except RuntimeError as err:
-                reason = (str(err).strip().splitlines() or ["an error"])[0]
+            except Exception as err:  # noqa: BLE001 - torch.func raises several kinds
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
 
         def loss(i: int) -> torch.Tensor:
             outs = outputs([leaves[k][i : i + 1] for k in mapped])
