@@ -1243,3 +1243,80 @@ def test_modules_that_change_their_input_or_start_on_one_sample_are_handled(kind
     # a module that changes its input in place is not replayed; a (1, 4) row shared by the
     # samples is told from a per-sample one on a first batch of one sample
     assert [u.name for u in stats.units] == ([] if kind == "changes its input" else ["inner"])
+
+
+class MaybeScale(Scale):
+    """Returns its input itself when told to (a shortcut that callers test with ``is``)."""
+
+    def __init__(self, skip: bool):
+        super().__init__(4)
+        self.skip = skip
+
+    def forward(self, x):
+        return x if self.skip else super().forward(x)
+
+
+class Pair(Scale):
+    def forward(self, x):
+        h = super().forward(x)
+        return h, h  # the same tensor as key and value
+
+
+class Identities(nn.Module):
+    """Model code that tests a module's outputs with ``is``, or changes in place, under grad, an
+    output the module made under no_grad."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.a, self.b, self.pair = MaybeScale(False), MaybeScale(True), Pair(4)
+        self.offset = nn.Parameter(torch.linspace(0.8, 1.2, 4))
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if self.kind == "returns its input":
+            y = self.b(h)
+            return self.head(self.a(y if y is h else y + h))
+        if self.kind == "returns one tensor twice":
+            k, v = self.pair(h)
+            return self.head(torch.tanh(k if k is v else 2 * k) * v)  # the other branch scores differently
+        with torch.no_grad():
+            y = self.a(h)
+        y.mul_(self.offset)  # in place, with a gradient, on an output made under no_grad
+        return self.head(torch.tanh(y + h))
+
+
+@pytest.mark.parametrize("kind", ["returns its input", "returns one tensor twice", "no_grad output changed in place"])
+def test_recording_a_module_keeps_identities_and_in_place_rules(kind):
+    torch.manual_seed(38)
+    X_lab, y_lab, X_pool = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(5, 4)
+    model = Identities(kind).eval()
+    stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
+    assert "has per-sample gradients other than" not in message  # no layer or module handed on
+    expected = {"returns its input": {"a", "b"}, "returns one tensor twice": {"pair"}, "no_grad output changed in place": {"a"}}[kind]
+    assert {u.name for u in stats.units} == expected
+
+
+def test_a_module_with_a_sparse_output_is_scored_on_the_whole_model():
+    class Adjacency(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("index", torch.tensor([[0, 1, 2, 3, 0], [1, 2, 3, 0, 2]]))
+            self.w = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+        def forward(self, x):
+            return torch.sparse_coo_tensor(self.index, self.w, (4, 4), check_invariants=True)
+
+    class Graph(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adj, self.lin, self.head = Adjacency(), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(torch.sparse.mm(self.adj(x), self.lin(x).t()).t()))
+
+    torch.manual_seed(39)
+    X_lab, y_lab, X_pool = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(5, 4)
+    stats, _ = _check_against_reference(Graph().eval(), X_lab, y_lab, X_pool)
+    assert not stats.units and stats._whole_model_params() == ["adj.w"]

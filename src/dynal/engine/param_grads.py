@@ -268,11 +268,24 @@ def _record_calls(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[li
             leaves, tree = tree_flatten((args, kwargs))
             kept = [(t.detach().clone() if clone else t.detach()) if isinstance(t, torch.Tensor) else t for t in leaves]
             flat, spec = tree_flatten(output)
-            flat = [t.view_as(t) if isinstance(t, torch.Tensor) else t for t in flat]
+            arguments = {id(t) for t in leaves if isinstance(t, torch.Tensor)}
+            swap: dict[int, torch.Tensor] = {}  # one alias (or copy) per distinct output object, so `is` holds as before
+            for t in flat:
+                # an argument returned as it is (it holds none of the module's parameters), an
+                # output without a gradient (made under no_grad) or one that has no views (sparse)
+                # stays itself
+                aliased = t.requires_grad and t.layout == torch.strided and not t.is_nested and id(t) not in arguments if isinstance(t, torch.Tensor) else False
+                if aliased and id(t) not in swap:
+                    swap[id(t)] = t.view_as(t)
+            flat = [swap.get(id(t), t) for t in flat]
             outputs = [t for t in flat if isinstance(t, torch.Tensor)]
+            first = [all(u is not t for u in outputs[:k]) for k, t in enumerate(outputs)]  # a repeat gets no cotangent
             watched = [t for t in leaves if isinstance(t, torch.Tensor)] + outputs
-            calls[i].append(SimpleNamespace(leaves=kept, tree=tree, outputs=outputs, changed_input=changed, versions=[(t, t._version) for t in watched]))
-            return tree_unflatten([t.clone() if clone and isinstance(t, torch.Tensor) else t for t in flat], spec)
+            calls[i].append(SimpleNamespace(leaves=kept, tree=tree, outputs=outputs, first=first, changed_input=changed, versions=[(t, t._version) for t in watched]))
+            if not clone:
+                return tree_unflatten(flat, spec)
+            copies = {id(t): t.clone() for t in outputs}
+            return tree_unflatten([copies.get(id(t), t) for t in flat], spec)
 
         return fn
 
@@ -695,16 +708,19 @@ class ParamGradStats:
         m = 1 if n == 2 else 2
         probe: dict[str, list[SimpleNamespace]] = {}
         if calls:
-            with torch.enable_grad(), _record_calls([self.model.get_submodule(name) for name in calls], clone=False) as probed:
-                self.model(x[:m] if n > 1 else torch.cat([x, x]))
-            probe = dict(zip(calls, probed))
+            try:
+                with torch.enable_grad(), _record_calls([self.model.get_submodule(name) for name in calls], clone=False) as probed:
+                    self.model(x[:m] if n > 1 else torch.cat([x, x]))
+                probe = dict(zip(calls, probed))
+            except Exception:  # noqa: BLE001 - a model that cannot run the probe: no module qualifies
+                pass
 
         def first_axis(t: object, size: int) -> bool:
             return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size
 
         def layout(mname: str) -> tuple[list[int | None], list[bool]] | None:
             """The arguments' sample axes and which outputs have one, if the module qualifies."""
-            call, seen = calls[mname], probe[mname]
+            call, seen = calls[mname], probe.get(mname, [])
             if len(call) != 1 or len(seen) != 1 or call[0].changed_input or seen[0].changed_input:
                 return None
             call, seen = call[0], seen[0]
@@ -884,7 +900,7 @@ class ParamGradStats:
             replayed = []
             start = len(records)
             for unit, call in zip(self.units, unit_calls):
-                douts = deltas[start : start + len(call.outputs)]
+                douts = [d if first else None for d, first in zip(deltas[start : start + len(call.outputs)], call.first)]
                 start += len(call.outputs)
                 if any(d is not None and not batched for d, batched in zip(douts, unit.batched)):
                     self._unit_failed({unit.name: "passes the logits' gradient through an output without the samples on its first axis"})
