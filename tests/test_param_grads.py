@@ -1275,9 +1275,10 @@ class Identities(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.lin(x))
-        if self.kind == "returns its input":
+        if self.kind.startswith("returns its input"):
             y = self.b(h)
-            return self.head(self.a(y if y is h else y + h))
+            z = self.a(y if y is h else y + h)
+            return self.head(z.tanh_() if self.kind.endswith("in place") else z)  # in place: recorded with copies
         if self.kind == "returns one tensor twice":
             k, v = self.pair(h)
             return self.head(torch.tanh(k if k is v else 2 * k) * v)  # the other branch scores differently
@@ -1287,36 +1288,49 @@ class Identities(nn.Module):
         return self.head(torch.tanh(y + h))
 
 
-@pytest.mark.parametrize("kind", ["returns its input", "returns one tensor twice", "no_grad output changed in place"])
+@pytest.mark.parametrize("kind", ["returns its input", "returns its input, then in place", "returns one tensor twice", "no_grad output changed in place"])
 def test_recording_a_module_keeps_identities_and_in_place_rules(kind):
     torch.manual_seed(38)
     X_lab, y_lab, X_pool = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(5, 4)
     model = Identities(kind).eval()
     stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
     assert "has per-sample gradients other than" not in message  # no layer or module handed on
-    expected = {"returns its input": {"a", "b"}, "returns one tensor twice": {"pair"}, "no_grad output changed in place": {"a"}}[kind]
+    expected = {"returns one tensor twice": {"pair"}, "no_grad output changed in place": {"a"}}.get(kind, {"a", "b"})
     assert {u.name for u in stats.units} == expected
+    assert stats.clone_outputs == kind.endswith("in place")
 
 
-def test_a_module_with_a_sparse_output_is_scored_on_the_whole_model():
-    class Adjacency(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("index", torch.tensor([[0, 1, 2, 3, 0], [1, 2, 3, 0, 2]]))
-            self.w = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+class Shift(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.linspace(-0.5, 0.5, 4))
 
-        def forward(self, x):
-            return torch.sparse_coo_tensor(self.index, self.w, (4, 4), check_invariants=True)
+    def forward(self, x):
+        return x + self.beta
 
-    class Graph(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.adj, self.lin, self.head = Adjacency(), nn.Linear(4, 4), nn.Linear(4, 3)
 
-        def forward(self, x):
-            return self.head(torch.tanh(torch.sparse.mm(self.adj(x), self.lin(x).t()).t()))
+class ShiftedResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.shift, self.head = nn.Linear(4, 4), Shift(), nn.Linear(4, 3)
 
-    torch.manual_seed(39)
-    X_lab, y_lab, X_pool = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(5, 4)
-    stats, _ = _check_against_reference(Graph().eval(), X_lab, y_lab, X_pool)
-    assert not stats.units and stats._whole_model_params() == ["adj.w"]
+    def forward(self, x):
+        h = self.lin(x) + 0.0  # a sum: autograd saves neither its inputs nor its output
+        h += torch.tanh(self.shift(h))  # in place on the shift's argument
+        return self.head(h)
+
+
+def test_once_recorded_with_copies_each_batch_takes_one_pass(monkeypatch):
+    torch.manual_seed(40)
+    model = ShiftedResidual().eval()
+    X_lab, y_lab, X_pool = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(7, 4)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 4)["G_S"]
+    passes = []
+    forward = ParamGradStats._forward
+    monkeypatch.setattr(ParamGradStats, "_forward", lambda self, x, *a, **k: passes.append(len(x)) or forward(self, x, *a, **k))
+    with pytest.warns(UserWarning, match=r"shift \(Shift\)"):
+        stats = ParamGradStats(model, G, forward_batch=2)
+    norm, cross = stats(X_pool)
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+    assert stats.clone_outputs and [u.name for u in stats.units] == ["shift"]
+    assert passes == [2, 2, 2, 2, 1]  # the first part once more, with copies; then one pass each

@@ -281,10 +281,13 @@ def _record_calls(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[li
             outputs = [t for t in flat if isinstance(t, torch.Tensor)]
             first = [all(u is not t for u in outputs[:k]) for k, t in enumerate(outputs)]  # a repeat gets no cotangent
             watched = [t for t in leaves if isinstance(t, torch.Tensor)] + outputs
-            calls[i].append(SimpleNamespace(leaves=kept, tree=tree, outputs=outputs, first=first, changed_input=changed, versions=[(t, t._version) for t in watched]))
+            # whether each output had a gradient when made: one made under no_grad and later
+            # changed in place by a product with a parameter gets one, which is not the module's
+            grads = [t.requires_grad for t in outputs]
+            calls[i].append(SimpleNamespace(leaves=kept, tree=tree, outputs=outputs, first=first, grads=grads, changed_input=changed, versions=[(t, t._version) for t in watched]))
             if not clone:
                 return tree_unflatten(flat, spec)
-            copies = {id(t): t.clone() for t in outputs}
+            copies = {id(a): a.clone() for a in swap.values()}  # the aliases; the other outputs keep their identity
             return tree_unflatten([copies.get(id(t), t) for t in flat], spec)
 
         return fn
@@ -854,9 +857,10 @@ class ParamGradStats:
         if problems:
             self._unit_failed(problems)
             return self._batch(x, pseudo_label)
-        # the calls of the modules that replay them, not of the other candidates
+        # the calls of the modules that replay them, not of the other candidates; with copies
+        # (clone_outputs) later code can no longer rewrite what was recorded
         rewritten = any(t._version != v for u in self.units for t, v in calls[u.name][0].versions)
-        if rewritten or any(rec[1]._version != rec[2] for rec in records):
+        if not self.clone_outputs and (rewritten or any(rec[1]._version != rec[2] for rec in records)):
             self.clone_outputs = True  # an in-place op rewrote a recorded tensor: redo with copies
             watched = [u.name for u in self.units]
             logits, records, calls = self._forward(x, modules, watched, clone=True)
@@ -870,7 +874,8 @@ class ParamGradStats:
         # a layer output that the logits do not depend on with a gradient (computed under
         # no_grad, detached, or not used) gives that layer a zero per-sample gradient
         targets = [rec[1] for rec in records] + [t for call in unit_calls for t in call.outputs]
-        live = [i for i, t in enumerate(targets) if t.requires_grad] if logits.requires_grad else []
+        alive = [rec[1].requires_grad for rec in records] + [g for call in unit_calls for g in call.grads]
+        live = [i for i, g in enumerate(alive) if g] if logits.requires_grad else []
         whole = self._whole_model_params()
         for j, (lab, w) in enumerate(zip(labels, label_weights)):
             r = residuals(p, lab).to(logits.dtype)
