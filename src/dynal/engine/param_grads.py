@@ -68,7 +68,8 @@ def _covered(module: nn.Module) -> bool:
     ``BatchNorm1d/2d/3d`` (running statistics), ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
     ``InstanceNorm1d/2d/3d`` (affine), ``Embedding`` (no ``max_norm``), ``EmbeddingBag``
     (no ``max_norm``, sum or mean, one bag per sample: 2-D input) or ``PReLU`` whose only parameters
-    are its own ``weight`` and ``bias``, used as they are (no parametrization)."""
+    are its own ``weight`` and ``bias``, used as they are (no parametrization); not
+    ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention uses without calling it."""
     cls = _fast_class(module)
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):  # MultiheadAttention's out_proj, never called
         return False
@@ -1033,7 +1034,7 @@ class ParamGradStats:
         if not used:  # no output reaches the logits with a gradient
             return _zero_stats(n, torch.float64, True)
         size = sum(unit.module.get_parameter(rel).numel() for rel in unit.params)
-        step = max(1, _BLOCK_ELEMENTS // size)
+        step = max(1, _BLOCK_ELEMENTS // max(1, size))
         G = {full: self.G[full] for full in unit.params.values()} if self.G is not None else None
         parts = []
         for i in range(0, n, step):
