@@ -997,7 +997,7 @@ class Encoder(nn.Module):
         mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
         pad = x[..., 0] > 1.5  # some positions of some samples are padding
         pad[:, 0] = False
-        return self.head(self.enc(self.embed(x), mask=mask, src_key_padding_mask=pad)[:, 0])
+        return self.head(self.enc(self.embed(x), mask=mask, src_key_padding_mask=pad).mean(1))  # every position: the padding matters
 
 
 def _module_models():
@@ -1029,6 +1029,8 @@ def test_uncovered_modules_replay_their_own_calls_instead_of_the_whole_model(nam
         assert np.abs(cross.numpy()).max() < 1e-5 * ref_norm.max()
     expected = ["enc.layers.0.self_attn", "enc.layers.1.self_attn"] if name == "transformer" else ["1"]
     assert [u.name for u in stats.units] == expected and all(u.checked for u in stats.units)
+    # the attention takes its projections' closed form; the user layer replays its call
+    assert [u.capture for u in stats.units] == [name == "transformer"] * len(expected)
     assert not whole and not stats._whole_model_params()
     if name == "transformer":  # out_proj, a Linear that the attention never calls, joins it
         assert "enc.layers.0.self_attn.out_proj (NonDynamicallyQuantizableLinear)" in str(caught[0].message) and len(caught) == 1
@@ -1334,3 +1336,43 @@ def test_once_recorded_with_copies_each_batch_takes_one_pass(monkeypatch):
     _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
     assert stats.clone_outputs and [u.name for u in stats.units] == ["shift"]
     assert passes == [2, 2, 2, 2, 1]  # the first part once more, with copies; then one pass each
+
+
+class Attending(nn.Module):
+    """Attention in the ways torch's layers call it: a decoder layer (cross-attention to a
+    memory of other length), an encoder with the causal hint, or attention weights that reach
+    the logits (which the projections' closed form cannot follow: the call is replayed)."""
+
+    def __init__(self, kind: str, bias: bool = True):
+        super().__init__()
+        self.kind = kind
+        self.embed, self.head = nn.Linear(3, 8), nn.Linear(8, 3)
+        if kind == "decoder":
+            self.block = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True, bias=bias)
+        elif kind == "causal hint":
+            self.block = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, bias=bias), 1, enable_nested_tensor=False)
+        else:
+            self.block = nn.MultiheadAttention(8, 2, batch_first=True, bias=bias)
+
+    def forward(self, x):
+        h = self.embed(x)
+        if self.kind == "decoder":
+            return self.head(self.block(h, torch.tanh(h[:, :3] * 2)).mean(1))
+        if self.kind == "causal hint":
+            mask = nn.Transformer.generate_square_subsequent_mask(h.shape[1])
+            return self.head(self.block(h, mask=mask, is_causal=True).mean(1))
+        out, weights = self.block(h, h, h, need_weights=True)
+        return self.head(out.mean(1) + weights.mean(1)[..., :1] * 3)
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["decoder", "causal hint", "weights used"])
+def test_attention_takes_its_projections_closed_form_where_it_can(kind, bias):
+    torch.manual_seed(41)
+    X_lab, y_lab, X_pool = torch.randn(6, 5, 3), torch.randint(0, 3, (6,)), torch.randn(7, 5, 3)
+    stats, message = _check_against_reference(Attending(kind, bias).eval(), X_lab, y_lab, X_pool)
+    attention = [u for u in stats.units if isinstance(u.module, nn.MultiheadAttention)]
+    assert len(attention) == (2 if kind == "decoder" else 1) and not stats._whole_model_params()
+    assert all(u.capture == (kind != "weights used") for u in attention)
+    assert "has per-sample gradients other than" not in message

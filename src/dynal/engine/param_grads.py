@@ -302,6 +302,84 @@ def _record_calls(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[li
             h.remove()
 
 
+def _attention_ready(m: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` (not a subclass) with one packed input projection and no
+    extra key/value bias or zero attention, whose parameters are only its projections: its
+    statistics can come from its four projections as :func:`_record_attention` exposes them."""
+    if type(m) is not nn.MultiheadAttention or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        return False
+    names = {n for n, _ in m.named_parameters()}
+    return "in_proj_weight" in names and names <= {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"} and not parametrize.is_parametrized(m.out_proj)
+
+
+def _attention_core(heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention of projected (samples, positions, features) queries, keys
+    and values, with masks read as ``F.multi_head_attention_forward`` reads them without
+    attention weights (a boolean mask is True where attention is not allowed, a key padding
+    mask merged into the attention mask per head), before the output projection."""
+    n, targets, size = q.shape
+    sources = k.shape[1]
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=q.dtype)
+    if is_causal and key_padding_mask is None:
+        attn_mask = None  # the causal hint alone
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=q.dtype, check_other=False)
+        is_causal = is_causal and key_padding_mask is None
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.view(n, 1, 1, sources).expand(-1, heads, -1, -1).reshape(n * heads, 1, sources)
+        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+    if attn_mask is not None:
+        attn_mask = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 else attn_mask.view(n, heads, -1, sources)
+    split = [t.view(n, t.shape[1], heads, size // heads).transpose(1, 2) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*split, attn_mask, 0.0, is_causal).transpose(1, 2).reshape(n, targets, size)
+
+
+@contextmanager
+def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list[list[SimpleNamespace | None]]]:
+    """Expose each attention's projections: its output becomes its own value plus, with a zero
+    value and the same gradient, the attention recomputed with its four projections as
+    separate products (:func:`_attention_core` between them), so that their inputs and outputs
+    are recorded like a ``Linear``'s, in (samples, positions, features) layout. A call with ``need_weights``
+    (whose weights could carry gradient past the recomputation) or without a batch axis is
+    recorded as ``None`` and left as it is."""
+    calls: list[list[SimpleNamespace | None]] = [[] for _ in modules]
+
+    def hook(i: int):
+        def fn(m: nn.MultiheadAttention, args: tuple, kwargs: dict, output):
+            names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+            given = {**dict(zip(names, args)), **kwargs}
+            query, key, value = given["query"], given["key"], given["value"]
+            if given.get("need_weights", True) or query.dim() != 3 or not isinstance(output, tuple) or not output[0].requires_grad:
+                calls[i].append(None)
+                return None
+            first = (lambda t: t) if m.batch_first else (lambda t: t.transpose(0, 1))  # samples first
+            size, weight, bias = m.embed_dim, m.in_proj_weight, m.in_proj_bias
+            inputs = [first(t) for t in (query, key, value)]
+            parts = [SimpleNamespace(weight=weight[k * size : (k + 1) * size], bias=None if bias is None else bias[k * size : (k + 1) * size]) for k in range(3)]
+            projected = [F.linear(t, part.weight, part.bias) for t, part in zip(inputs, parts)]
+            try:
+                mixed = _attention_core(m.num_heads, *projected, given.get("key_padding_mask"), given.get("attn_mask"), given.get("is_causal", False))
+            except Exception:  # noqa: BLE001 - masks or shapes this recomputation does not read as torch does: replayed instead
+                calls[i].append(None)
+                return None
+            out = F.linear(mixed, m.out_proj.weight, m.out_proj.bias)
+            layers = [*parts, m.out_proj]
+            calls[i].append(SimpleNamespace(layers=layers, inputs=[t.detach() for t in (*inputs, mixed)], outputs=[*projected, out]))
+            ours = out if m.batch_first else out.transpose(0, 1)
+            return (output[0].detach() + (ours - ours.detach()), *output[1:])
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _linear_stats(m: nn.Linear, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     if a.dim() != 2:  # a sequence axis: per-sample gradient sums over positions
         a, d = a.flatten(1, -2), d.flatten(1, -2)
@@ -743,8 +821,10 @@ class ParamGradStats:
                 call = calls[mname][0]
                 dims, batched = layout(mname)
                 shapes = [t.shape if isinstance(t, torch.Tensor) else None for t in call.leaves]
-                units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, batched=batched, tree=call.tree, checked=False, loop=False)
+                units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, batched=batched, tree=call.tree, checked=False, loop=False, capture=False)
             units[mname].params[name[len(mname) + 1 :]] = name
+        for unit in units.values():  # an attention holding just its own parameters: its projections' closed form
+            unit.capture = _attention_ready(unit.module) and set(unit.params) == {n for n, _ in unit.module.named_parameters()}
         self.units = list(units.values())
 
     def _unit_problem(self, unit: SimpleNamespace, calls: list[SimpleNamespace], n: int) -> str | None:
@@ -790,11 +870,18 @@ class ParamGradStats:
             )
         self._plan([*self.excluded, *reasons])
 
-    def _forward(self, x: torch.Tensor, modules: list[nn.Module], watched: list[str], clone: bool) -> tuple[torch.Tensor, list[list], dict[str, list[SimpleNamespace]]]:
-        """The logits, the covered layers' records and the calls of the ``watched`` modules."""
-        with torch.enable_grad(), _record_layers(modules, clone) as records, _record_calls([self.model.get_submodule(m) for m in watched], clone) as calls:
+    def _forward(self, x: torch.Tensor, modules: list[nn.Module], watched: list[str], clone: bool) -> tuple[torch.Tensor, list[list], dict[str, list[SimpleNamespace]], dict[str, list]]:
+        """The logits, the covered layers' records, the calls of the ``watched`` modules and
+        the projections of the attention modules among the units that take their closed form."""
+        capture = [u.name for u in self.units or [] if u.capture]
+        with (
+            torch.enable_grad(),
+            _record_layers(modules, clone) as records,
+            _record_calls([self.model.get_submodule(m) for m in watched], clone) as calls,
+            _record_attention([self.model.get_submodule(m) for m in capture]) as attention,
+        ):
             logits = self.model(x)
-        return logits, records, dict(zip(watched, calls))
+        return logits, records, dict(zip(watched, calls)), dict(zip(capture, attention))
 
     def _owner(self, param_name: str) -> str:
         return self._label(param_name.rpartition(".")[0])
@@ -838,7 +925,7 @@ class ParamGradStats:
         modules = [m for _, m in self.covered]
         choosing = self.units is None  # watch every candidate module on this pass
         watched = sorted({m for chain in self._candidates().values() for m in chain}) if choosing else [u.name for u in self.units]
-        logits, records, calls = self._forward(x, modules, watched, clone=self.clone_outputs)
+        logits, records, calls, attention = self._forward(x, modules, watched, clone=self.clone_outputs)
         odd = {}
         for (name, _), rec in zip(self.covered, records):
             if len(rec) != 3:
@@ -864,8 +951,15 @@ class ParamGradStats:
         if not self.clone_outputs and (rewritten or any(rec[1]._version != rec[2] for rec in records)):
             self.clone_outputs = True  # an in-place op rewrote a recorded tensor: redo with copies
             watched = [u.name for u in self.units]
-            logits, records, calls = self._forward(x, modules, watched, clone=True)
-        unit_calls = [calls[u.name][0] for u in self.units]
+            logits, records, calls, attention = self._forward(x, modules, watched, clone=True)
+        if choosing and any(u.capture for u in self.units):  # chosen on this pass: record their projections
+            return self._batch(x, pseudo_label)
+        unsure = [u for u in self.units if u.capture and (len(attention[u.name]) != 1 or attention[u.name][0] is None)]
+        if unsure:  # called with need_weights, or unbatched: replayed instead
+            for u in unsure:
+                u.capture = False
+            return self._batch(x, pseudo_label)
+        unit_calls = [attention[u.name][0] if u.capture else calls[u.name][0] for u in self.units]
         p = F.softmax(logits.detach().double(), dim=1)
         if pseudo_label == "argmax":
             labels, label_weights = [p.argmax(1)], [torch.ones(n, dtype=torch.float64)]
@@ -875,7 +969,7 @@ class ParamGradStats:
         # a layer output that the logits do not depend on with a gradient (computed under
         # no_grad, detached, or not used) gives that layer a zero per-sample gradient
         targets = [rec[1] for rec in records] + [t for call in unit_calls for t in call.outputs]
-        alive = [rec[1].requires_grad for rec in records] + [g for call in unit_calls for g in call.grads]
+        alive = [rec[1].requires_grad for rec in records] + [g for u, call in zip(self.units, unit_calls) for g in ([True] * 4 if u.capture else call.grads)]
         live = [i for i, g in enumerate(alive) if g] if logits.requires_grad else []
         whole = self._whole_model_params()
         for j, (lab, w) in enumerate(zip(labels, label_weights)):
@@ -906,6 +1000,12 @@ class ParamGradStats:
             replayed = []
             start = len(records)
             for unit, call in zip(self.units, unit_calls):
+                if unit.capture:
+                    replayed.append(self._attention_stats(unit, call, deltas[start : start + 4], n))
+                    start += 4
+                    norm += w * replayed[-1][0]
+                    cross += w * replayed[-1][1]
+                    continue
                 douts = [d if first else None for d, first in zip(deltas[start : start + len(call.outputs)], call.first)]
                 start += len(call.outputs)
                 if any(d is not None and not batched for d, batched in zip(douts, unit.batched)):
@@ -927,6 +1027,13 @@ class ParamGradStats:
                         u.checked = True
                     layers_wrong = [name for name, _ in self.covered if ("layer", name) in wrong]
                     units_wrong = [u.name for u in self.units if ("module", u.name) in wrong]
+                    captured = [u for u in self.units if u.capture and u.name in units_wrong]
+                    for u in captured:  # the projections' closed form disagrees: replay the call instead
+                        u.capture, u.checked = False, False
+                        warnings.warn(f"params='all': attention {self._label(u.name)} has per-sample gradients other than its projections give; replaying its call instead", stacklevel=4)
+                    units_wrong = [name for name in units_wrong if name not in {u.name for u in captured}]
+                    if captured and not layers_wrong and not units_wrong:
+                        return self._batch(x, pseudo_label)
                     if layers_wrong:
                         self._demote(dict.fromkeys(layers_wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, its output changed by a hook, or its first axis not the samples?)"))
                     if units_wrong:
@@ -1025,6 +1132,26 @@ class ParamGradStats:
                 warnings.warn(f"params='all': torch.func cannot take per-sample gradients of this model ({reason}); taking them one sample at a time", stacklevel=5)
         rows = _single_sample_grads(self.model, x, r, [params[n] for n in names])
         return {n: torch.stack([row[k] for row in rows]) for k, n in enumerate(names)}
+
+    def _attention_stats(self, unit: SimpleNamespace, call: SimpleNamespace, douts: list[torch.Tensor | None], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An attention's statistics from its four projections (see :func:`_record_attention`),
+        each a ``Linear`` on a sequence; the packed input projection's ``G`` split as its weight."""
+        G = None
+        if self.G is not None:
+            full = {rel: self.G[name] for rel, name in unit.params.items()}
+            size = unit.module.embed_dim
+            G = [{"weight": full["in_proj_weight"][k * size : (k + 1) * size], "bias": full.get("in_proj_bias", torch.zeros(3 * size))[k * size : (k + 1) * size]} for k in range(3)]
+            G.append({"weight": full["out_proj.weight"], "bias": full.get("out_proj.bias")})
+        norm = torch.zeros(n, dtype=torch.float64)
+        cross = torch.zeros(n, dtype=torch.float64)
+        with torch.no_grad():
+            for k, (layer, a, d) in enumerate(zip(call.layers, call.inputs, douts)):
+                if d is not None:
+                    n_k, c_k = _linear_stats(layer, a, d, G[k] if G is not None else None)
+                    norm += n_k.double()
+                    if c_k is not None:
+                        cross += c_k.double()
+        return norm, cross
 
     def _unit_stats(self, unit: SimpleNamespace, call: SimpleNamespace, douts: list[torch.Tensor | None], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample statistics of a module's own uncovered parameters from its recorded call
