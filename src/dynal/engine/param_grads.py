@@ -27,12 +27,16 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
   with the bag's output gradient (divided by its size for "mean") at each position.
 - ``nn.PReLU``: ``g = sum delta * min(a, 0)`` over each channel's positions.
 
+- ``nn.MultiheadAttention``: its four projections as ``nn.Linear`` on a sequence, their inputs
+  and output gradients exposed by recomputing the attention in the pass (see
+  :func:`_record_attention`).
+
 Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), with a
 warning naming the layer: on their own module alone where it can be (its recorded call replayed
-on each sample against its recorded output gradient, so a user-defined layer or an
-``nn.MultiheadAttention`` costs about one more pass of that module), else on the whole model,
-and one sample at a time where torch.func cannot run them; so do covered layers that turn out,
-while the model runs, not to follow their formula (see :class:`ParamGradStats`).
+on each sample against its recorded output gradient, so a user-defined layer costs about one
+more pass of that module), else on the whole model, and one sample at a time where torch.func
+cannot run them; so do covered layers that turn out, while the model runs, not to follow their
+formula (see :class:`ParamGradStats`).
 """
 
 from __future__ import annotations
@@ -708,8 +712,11 @@ class ParamGradStats:
     logits: its recorded call is replayed on each sample alone against the gradient that reached
     each output from outside the module, which costs about one more pass of that module. Which
     arguments and outputs have a sample axis is fixed on the first batch, with a probe pass on
-    two samples. Parameters that no such module holds (one used directly by the model's own
-    ``forward``, or tied between modules) take ``torch.func`` on the whole model.
+    two samples. Such a module that is an ``nn.MultiheadAttention`` holding only its own
+    projections is not replayed but gives its projections' statistics from a recomputation in
+    the pass (:func:`_record_attention`), unless a call needs its attention weights. Parameters
+    that no such module holds (one used directly by the model's own ``forward``, or tied
+    between modules) take ``torch.func`` on the whole model.
 
     The first batch with a nonzero gradient checks the fast path against the slow one: for its
     two samples with the largest ``||r||``, each covered layer's and each module's two statistics
@@ -924,7 +931,8 @@ class ParamGradStats:
             return norm, cross
         modules = [m for _, m in self.covered]
         choosing = self.units is None  # watch every candidate module on this pass
-        watched = sorted({m for chain in self._candidates().values() for m in chain}) if choosing else [u.name for u in self.units]
+        # an attention taking its projections' closed form is recorded by _record_attention alone
+        watched = sorted({m for chain in self._candidates().values() for m in chain}) if choosing else [u.name for u in self.units if not u.capture]
         logits, records, calls, attention = self._forward(x, modules, watched, clone=self.clone_outputs)
         odd = {}
         for (name, _), rec in zip(self.covered, records):
@@ -941,19 +949,19 @@ class ParamGradStats:
             return self._batch(x, pseudo_label)
         if choosing:
             self._choose_units(x, calls)
-        problems = {u.name: why for u in self.units if (why := self._unit_problem(u, calls[u.name], n))}
+        if choosing and any(u.capture for u in self.units):  # chosen on this pass: record their projections
+            return self._batch(x, pseudo_label)
+        problems = {u.name: why for u in self.units if not u.capture and (why := self._unit_problem(u, calls[u.name], n))}
         if problems:
             self._unit_failed(problems)
             return self._batch(x, pseudo_label)
         # the calls of the modules that replay them, not of the other candidates; with copies
         # (clone_outputs) later code can no longer rewrite what was recorded
-        rewritten = any(t._version != v for u in self.units for t, v in calls[u.name][0].versions)
+        rewritten = any(t._version != v for u in self.units if not u.capture for t, v in calls[u.name][0].versions)
         if not self.clone_outputs and (rewritten or any(rec[1]._version != rec[2] for rec in records)):
             self.clone_outputs = True  # an in-place op rewrote a recorded tensor: redo with copies
-            watched = [u.name for u in self.units]
+            watched = [u.name for u in self.units if not u.capture]
             logits, records, calls, attention = self._forward(x, modules, watched, clone=True)
-        if choosing and any(u.capture for u in self.units):  # chosen on this pass: record their projections
-            return self._batch(x, pseudo_label)
         unsure = [u for u in self.units if u.capture and (len(attention[u.name]) != 1 or attention[u.name][0] is None)]
         if unsure:  # called with need_weights, or unbatched: replayed instead
             for u in unsure:
