@@ -223,6 +223,16 @@ def _grad_stats(g: dict[str, torch.Tensor], G: dict[str, torch.Tensor] | None) -
 
 
 @contextmanager
+def _removed_on_exit(handles: Sequence[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Remove the hooks ``handles`` on leaving the block, however it is left."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[list]]:
     """Record each module's input (detached), output (attached) and the output's version.
 
@@ -243,11 +253,8 @@ def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[l
         return fn
 
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    try:
+    with _removed_on_exit(handles):
         yield records
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -299,11 +306,8 @@ def _record_calls(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[li
 
     handles = [m.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     handles += [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    try:
+    with _removed_on_exit(handles):
         yield calls
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _attention_ready(m: nn.Module) -> bool:
@@ -377,11 +381,8 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
         return fn
 
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    try:
+    with _removed_on_exit(handles):
         yield calls
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _linear_stats(m: nn.Linear, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
