@@ -1376,3 +1376,66 @@ def test_attention_takes_its_projections_closed_form_where_it_can(kind, bias):
     assert len(attention) == (2 if kind == "decoder" else 1) and not stats._whole_model_params()
     assert all(u.capture == (kind != "weights used") for u in attention)
     assert "has per-sample gradients other than" not in message
+
+
+@pytest.mark.parametrize("wrong", ["query scaled", "padding ignored"])
+def test_an_attention_recomputation_that_disagrees_falls_back_to_replay_alone(wrong, monkeypatch):
+    # the recomputation must give the attention's own values on every call; one that does not
+    # (here made wrong on purpose) is replayed, and no other layer is blamed for it
+    core = param_grads._attention_core
+
+    def broken(heads, q, k, v, padding, mask, causal):
+        return core(heads, q * 1.05, k, v, padding, mask, causal) if wrong == "query scaled" else core(heads, q, k, v, None, mask, causal)
+
+    monkeypatch.setattr(param_grads, "_attention_core", broken)
+    torch.manual_seed(42)
+    model, shape = _module_models()["transformer"]
+    X_lab, y_lab, X_pool = torch.randn(6, *shape), torch.randint(0, 3, (6,)), torch.randn(9, *shape)
+    X_pool[:, 2:, 0] = 2.0  # padding in every sample
+    X_pool[:, :2, 0] = 0.0
+    stats, message = _check_against_reference(model.eval(), X_lab, y_lab, X_pool)
+    assert [u.capture for u in stats.units] == [False, False] and "has per-sample gradients other than" not in message
+    assert [name for name, _ in stats.covered] == [name for name, _ in param_grads.split_parameters(model)[0]]  # none demoted
+
+
+class HalfAttention(nn.Module):
+    """A float16 attention whose output projection's per-sample gradient norms pass float16's
+    range on some samples (squares over 65,504) and not on others."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 8), nn.Linear(8, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.embed(x.half())
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1)).float()
+
+
+def test_float16_attention_statistics_do_not_overflow():
+    torch.manual_seed(0)
+    X_lab, y_lab = torch.randn(6, 5, 3), torch.randint(0, 3, (6,))
+    torch.manual_seed(1)
+    X_pool = torch.randn(6, 5, 3)
+    X_pool[:2] /= 1000.0  # the first sub-batch, which the first check sees, stays small
+    model = HalfAttention().half()
+    with torch.no_grad():
+        model.embed.weight.mul_(1000.0)
+        model.embed.bias.zero_()
+        model.attn.out_proj.weight.div_(1000.0)
+    model.eval()
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    with pytest.warns(UserWarning, match=r"attn \(MultiheadAttention\)"):
+        stats = ParamGradStats(model, G, forward_batch=2)
+    norm, cross = stats(X_pool)
+    assert stats.units[0].capture and norm.isfinite().all() and cross.isfinite().all()
+    # the reference takes its pseudo-labels under no_grad, where torch runs its fused attention,
+    # whose float16 rounding can pick another label than the pass with gradients does
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert ref_norm[2:].min() > 65_504  # squares past float16's range
+    np.testing.assert_allclose(norm.numpy(), ref_norm, rtol=3e-2)
+    np.testing.assert_allclose(cross.numpy(), ref_cross, rtol=3e-2, atol=3e-2 * np.abs(ref_cross).max())

@@ -314,7 +314,7 @@ def _attention_ready(m: nn.Module) -> bool:
     """An ``nn.MultiheadAttention`` (not a subclass) with one packed input projection and no
     extra key/value bias or zero attention, whose parameters are only its projections: its
     statistics can come from its four projections as :func:`_record_attention` exposes them."""
-    if type(m) is not nn.MultiheadAttention or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+    if type(m) is not nn.MultiheadAttention or not m.batch_first or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
         return False
     names = {n for n, _ in m.named_parameters()}
     return "in_proj_weight" in names and names <= {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"} and not parametrize.is_parametrized(m.out_proj)
@@ -362,9 +362,8 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
             if given.get("need_weights", True) or query.dim() != 3 or not isinstance(output, tuple) or not output[0].requires_grad:
                 calls[i].append(None)
                 return None
-            first = (lambda t: t) if m.batch_first else (lambda t: t.transpose(0, 1))  # samples first
             size, weight, bias = m.embed_dim, m.in_proj_weight, m.in_proj_bias
-            inputs = [first(t) for t in (query, key, value)]
+            inputs = [query, key, value]
             parts = [SimpleNamespace(weight=weight[k * size : (k + 1) * size], bias=None if bias is None else bias[k * size : (k + 1) * size]) for k in range(3)]
             projected = [F.linear(t, part.weight, part.bias) for t, part in zip(inputs, parts)]
             try:
@@ -373,10 +372,17 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
                 calls[i].append(None)
                 return None
             out = F.linear(mixed, m.out_proj.weight, m.out_proj.bias)
+            real = output[0].detach()
+            # the recomputation must give the attention's own values (masks read as torch reads
+            # them), on every call: else the call is replayed
+            with torch.no_grad():
+                tolerance = max(1e-4, 16 * torch.finfo(real.dtype).eps) * float(real.abs().max()) + 1e-30
+                if out.shape != real.shape or not float((out.detach() - real).abs().max()) <= tolerance:
+                    calls[i].append(None)
+                    return None
             layers = [*parts, m.out_proj]
             calls[i].append(SimpleNamespace(layers=layers, inputs=[t.detach() for t in (*inputs, mixed)], outputs=[*projected, out]))
-            ours = out if m.batch_first else out.transpose(0, 1)
-            return (output[0].detach() + (ours - ours.detach()), *output[1:])
+            return (real + (out - out.detach()), *output[1:])
 
         return fn
 
@@ -744,6 +750,7 @@ class ParamGradStats:
         self.loop_fallback = False  # torch.func failed on this model: one sample at a time
         self.forward_batch = forward_batch
         self.failed_modules: set[str] = set()  # modules whose own replay cannot be trusted
+        self.uncaptured: set[str] = set()  # attentions whose projections' closed form disagreed
         self.per_module = True  # False: every uncovered parameter on the whole model (for comparison)
         self._plan(exclude=[])
         if not self.covered and not self.other:
@@ -832,7 +839,7 @@ class ParamGradStats:
                 units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, batched=batched, tree=call.tree, checked=False, loop=False, capture=False)
             units[mname].params[name[len(mname) + 1 :]] = name
         for unit in units.values():  # an attention holding just its own parameters: its projections' closed form
-            unit.capture = _attention_ready(unit.module) and set(unit.params) == {n for n, _ in unit.module.named_parameters()}
+            unit.capture = _attention_ready(unit.module) and set(unit.params) == {n for n, _ in unit.module.named_parameters()} and unit.name not in self.uncaptured
         self.units = list(units.values())
 
     def _unit_problem(self, unit: SimpleNamespace, calls: list[SimpleNamespace], n: int) -> str | None:
@@ -1037,11 +1044,15 @@ class ParamGradStats:
                     layers_wrong = [name for name, _ in self.covered if ("layer", name) in wrong]
                     units_wrong = [u.name for u in self.units if ("module", u.name) in wrong]
                     captured = [u for u in self.units if u.capture and u.name in units_wrong]
-                    for u in captured:  # the projections' closed form disagrees: replay the call instead
-                        u.capture, u.checked = False, False
-                        warnings.warn(f"params='all': attention {self._label(u.name)} has per-sample gradients other than its projections give; replaying its call instead", stacklevel=4)
-                    units_wrong = [name for name in units_wrong if name not in {u.name for u in captured}]
-                    if captured and not layers_wrong and not units_wrong:
+                    if captured:  # the projections' closed form disagrees: replay those calls, and
+                        # check every layer again, whose gradients came through the recomputation
+                        for u in captured:
+                            warnings.warn(f"params='all': attention {self._label(u.name)} has per-sample gradients other than its projections give; replaying its call instead", stacklevel=4)
+                            u.capture = False
+                            self.uncaptured.add(u.name)
+                        self.checked = False
+                        for u in self.units:
+                            u.checked = False
                         return self._batch(x, pseudo_label)
                     if layers_wrong:
                         self._demote(dict.fromkeys(layers_wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, its output changed by a hook, or its first axis not the samples?)"))
@@ -1155,8 +1166,10 @@ class ParamGradStats:
         cross = torch.zeros(n, dtype=torch.float64)
         with torch.no_grad():
             for k, (layer, a, d) in enumerate(zip(call.layers, call.inputs, douts)):
-                if d is not None:
-                    n_k, c_k = _linear_stats(layer, a, d, G[k] if G is not None else None)
+                if d is not None:  # in at least float32, which float16 squares can overflow
+                    wide = torch.promote_types(d.dtype, torch.float32)
+                    part = {name: v.to(wide) for name, v in G[k].items() if v is not None} if G is not None else None
+                    n_k, c_k = _linear_stats(layer, a.to(wide), d.to(wide), part)
                     norm += n_k.double()
                     if c_k is not None:
                         cross += c_k.double()
