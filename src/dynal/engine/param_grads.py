@@ -349,9 +349,10 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
     """Expose each attention's projections: its output becomes its own value plus, with a zero
     value and the same gradient, the attention recomputed with its four projections as
     separate products (:func:`_attention_core` between them), so that their inputs and outputs
-    are recorded like a ``Linear``'s, in (samples, positions, features) layout. A call with ``need_weights``
-    (whose weights could carry gradient past the recomputation) or without a batch axis is
-    recorded as ``None`` and left as it is."""
+    are recorded like a ``Linear``'s, in (samples, positions, features) layout. A call with
+    ``need_weights`` (whose weights could carry gradient past the recomputation), without a
+    batch axis, or whose recomputed values differ from the attention's own is recorded as
+    ``None`` and left as it is."""
     calls: list[list[SimpleNamespace | None]] = [[] for _ in modules]
 
     def hook(i: int):
