@@ -1340,8 +1340,8 @@ def test_once_recorded_with_copies_each_batch_takes_one_pass(monkeypatch):
 
 class Attending(nn.Module):
     """Attention in the ways torch's layers call it: a decoder layer (cross-attention to a
-    memory of other length), an encoder with the causal hint, or attention weights that reach
-    the logits (which the projections' closed form cannot follow: the call is replayed)."""
+    memory of other length), an encoder with the causal hint, or attention weights (averaged
+    or per head) that reach the logits."""
 
     def __init__(self, kind: str, bias: bool = True):
         super().__init__()
@@ -1361,20 +1361,20 @@ class Attending(nn.Module):
         if self.kind == "causal hint":
             mask = nn.Transformer.generate_square_subsequent_mask(h.shape[1])
             return self.head(self.block(h, mask=mask, is_causal=True).mean(1))
-        out, weights = self.block(h, h, h, need_weights=True)
-        return self.head(out.mean(1) + weights.mean(1)[..., :1] * 3)
+        out, weights = self.block(h, h, h, average_attn_weights=self.kind == "weights used")  # need_weights: the default
+        return self.head(out.mean(1) + weights.flatten(1)[:, :1] * 3)
 
 
 @pytest.mark.filterwarnings("ignore:enable_nested_tensor")
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("kind", ["decoder", "causal hint", "weights used"])
+@pytest.mark.parametrize("kind", ["decoder", "causal hint", "weights used", "per-head weights used"])
 def test_attention_takes_its_projections_closed_form_where_it_can(kind, bias):
     torch.manual_seed(41)
     X_lab, y_lab, X_pool = torch.randn(6, 5, 3), torch.randint(0, 3, (6,)), torch.randn(7, 5, 3)
     stats, message = _check_against_reference(Attending(kind, bias).eval(), X_lab, y_lab, X_pool)
     attention = [u for u in stats.units if isinstance(u.module, nn.MultiheadAttention)]
     assert len(attention) == (2 if kind == "decoder" else 1) and not stats._whole_model_params()
-    assert all(u.capture == (kind != "weights used") for u in attention)
+    assert all(u.capture for u in attention)
     assert "has per-sample gradients other than" not in message
 
 

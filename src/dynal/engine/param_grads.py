@@ -320,15 +320,16 @@ def _attention_ready(m: nn.Module) -> bool:
     return "in_proj_weight" in names and names <= {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"} and not parametrize.is_parametrized(m.out_proj)
 
 
-def _attention_core(heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+def _attention_core(heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None, is_causal: bool, need_weights: bool, average_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention of projected (samples, positions, features) queries, keys
-    and values, with masks read as ``F.multi_head_attention_forward`` reads them without
-    attention weights (a boolean mask is True where attention is not allowed, a key padding
-    mask merged into the attention mask per head), before the output projection."""
+    and values, with masks read as ``F.multi_head_attention_forward`` reads them (a boolean
+    mask is True where attention is not allowed, a key padding mask merged into the attention
+    mask per head), before the output projection; with ``need_weights`` also the attention
+    weights, averaged over the heads with ``average_weights``."""
     n, targets, size = q.shape
     sources = k.shape[1]
     key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=q.dtype)
-    if is_causal and key_padding_mask is None:
+    if is_causal and key_padding_mask is None and not need_weights:
         attn_mask = None  # the causal hint alone
     else:
         attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=q.dtype, check_other=False)
@@ -340,8 +341,16 @@ def _attention_core(heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     if attn_mask is not None:
         attn_mask = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 else attn_mask.view(n, heads, -1, sources)
-    split = [t.view(n, t.shape[1], heads, size // heads).transpose(1, 2) for t in (q, k, v)]
-    return F.scaled_dot_product_attention(*split, attn_mask, 0.0, is_causal).transpose(1, 2).reshape(n, targets, size)
+    q, k, v = (t.view(n, t.shape[1], heads, size // heads).transpose(1, 2) for t in (q, k, v))
+    weights = None
+    if need_weights:  # explicit weights, the query scaled first, as torch computes them then
+        scores = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1)
+        weights = F.softmax(scores if attn_mask is None else scores + attn_mask, dim=-1)
+        mixed = weights @ v
+        weights = weights.mean(1) if average_weights else weights
+    else:
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal)
+    return mixed.transpose(1, 2).reshape(n, targets, size), weights
 
 
 @contextmanager
@@ -349,10 +358,10 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
     """Expose each attention's projections: its output becomes its own value plus, with a zero
     value and the same gradient, the attention recomputed with its four projections as
     separate products (:func:`_attention_core` between them), so that their inputs and outputs
-    are recorded like a ``Linear``'s, in (samples, positions, features) layout. A call with
-    ``need_weights`` (whose weights could carry gradient past the recomputation), without a
-    batch axis, or whose recomputed values differ from the attention's own is recorded as
-    ``None`` and left as it is."""
+    are recorded like a ``Linear``'s, in (samples, positions, features) layout; attention
+    weights asked for (``need_weights``) are recomputed the same way, so that gradient through
+    them reaches the projections too. A call without a batch axis, or whose recomputed values
+    differ from the attention's own, is recorded as ``None`` and left as it is."""
     calls: list[list[SimpleNamespace | None]] = [[] for _ in modules]
 
     def hook(i: int):
@@ -360,30 +369,35 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
             names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
             given = {**dict(zip(names, args)), **kwargs}
             query, key, value = given["query"], given["key"], given["value"]
-            if given.get("need_weights", True) or query.dim() != 3 or not isinstance(output, tuple) or not output[0].requires_grad:
+            if query.dim() != 3 or not isinstance(output, tuple) or not output[0].requires_grad:
                 calls[i].append(None)
                 return None
+            need_weights = bool(given.get("need_weights", True))
             size, weight, bias = m.embed_dim, m.in_proj_weight, m.in_proj_bias
             inputs = [query, key, value]
             parts = [SimpleNamespace(weight=weight[k * size : (k + 1) * size], bias=None if bias is None else bias[k * size : (k + 1) * size]) for k in range(3)]
             projected = [F.linear(t, part.weight, part.bias) for t, part in zip(inputs, parts)]
             try:
-                mixed = _attention_core(m.num_heads, *projected, given.get("key_padding_mask"), given.get("attn_mask"), given.get("is_causal", False))
+                mixed, weights = _attention_core(
+                    m.num_heads, *projected, given.get("key_padding_mask"), given.get("attn_mask"), given.get("is_causal", False), need_weights, bool(given.get("average_attn_weights", True))
+                )
             except Exception:  # noqa: BLE001 - masks or shapes this recomputation does not read as torch does: replayed instead
                 calls[i].append(None)
                 return None
             out = F.linear(mixed, m.out_proj.weight, m.out_proj.bias)
-            real = output[0].detach()
+            ours = [out, weights] if need_weights else [out]
+            reals = [t.detach() for t in output[: len(ours)]]
             # the recomputation must give the attention's own values (masks read as torch reads
             # them), on every call: else the call is replayed
             with torch.no_grad():
-                tolerance = max(1e-4, 16 * torch.finfo(real.dtype).eps) * float(real.abs().max()) + 1e-30
-                if out.shape != real.shape or not float((out.detach() - real).abs().max()) <= tolerance:
-                    calls[i].append(None)
-                    return None
+                for mine, real in zip(ours, reals):
+                    tolerance = max(1e-4, 16 * torch.finfo(real.dtype).eps) * float(real.abs().max()) + 1e-30
+                    if mine.shape != real.shape or not float((mine.detach() - real).abs().max()) <= tolerance:
+                        calls[i].append(None)
+                        return None
             layers = [*parts, m.out_proj]
             calls[i].append(SimpleNamespace(layers=layers, inputs=[t.detach() for t in (*inputs, mixed)], outputs=[*projected, out]))
-            return (real + (out - out.detach()), *output[1:])
+            return (*(real + (mine - mine.detach()) for mine, real in zip(ours, reals)), *output[len(ours) :])
 
         return fn
 
@@ -722,7 +736,7 @@ class ParamGradStats:
     arguments and outputs have a sample axis is fixed on the first batch, with a probe pass on
     two samples. Such a module that is an ``nn.MultiheadAttention`` holding only its own
     projections is not replayed but gives its projections' statistics from a recomputation in
-    the pass (:func:`_record_attention`), unless a call needs its attention weights. Parameters
+    the pass (:func:`_record_attention`) that matches its values. Parameters
     that no such module holds (one used directly by the model's own ``forward``, or tied
     between modules) take ``torch.func`` on the whole model.
 
@@ -972,7 +986,7 @@ class ParamGradStats:
             watched = [u.name for u in self.units if not u.capture]
             logits, records, calls, attention = self._forward(x, modules, watched, clone=True)
         unsure = [u for u in self.units if u.capture and (len(attention[u.name]) != 1 or attention[u.name][0] is None)]
-        if unsure:  # called with need_weights, or unbatched: replayed instead
+        if unsure:  # unbatched, or recomputed values that differ: replayed instead
             for u in unsure:
                 u.capture = False
             return self._batch(x, pseudo_label)
