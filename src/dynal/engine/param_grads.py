@@ -986,9 +986,9 @@ class ParamGradStats:
             watched = [u.name for u in self.units if not u.capture]
             logits, records, calls, attention = self._forward(x, modules, watched, clone=True)
         unsure = [u for u in self.units if u.capture and (len(attention[u.name]) != 1 or attention[u.name][0] is None)]
-        if unsure:  # unbatched, or recomputed values that differ: replayed instead
+        if unsure:  # unbatched, or recomputed values that differ: replayed instead, checked anew
             for u in unsure:
-                u.capture = False
+                u.capture, u.checked = False, False
             return self._batch(x, pseudo_label)
         unit_calls = [attention[u.name][0] if u.capture else calls[u.name][0] for u in self.units]
         p = F.softmax(logits.detach().double(), dim=1)
