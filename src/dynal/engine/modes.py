@@ -1,13 +1,15 @@
-"""Running a user's model: in eval mode without leaving it there, in forward passes sized to the cache."""
+"""Running a user's model: in eval mode without leaving it there, in forward passes sized to the cache,
+with hooks that do not outlive the pass."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 @contextmanager
@@ -52,19 +54,28 @@ def forward_batch(model: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor
             if isinstance(t, torch.Tensor):
                 largest = max(largest, t.numel() * t.element_size())
 
-    handles = []
+    handles: list[RemovableHandle] = []
     try:
-        for m in model.modules():
-            if not isinstance(m, torch.jit.ScriptModule):
-                handles.append(m.register_forward_hook(hook))  # one by one: a failure removes those made
-        with torch.no_grad(), eval_mode(model):
-            (run or model.features)(probe)
+        with removed_on_exit(handles):
+            for m in model.modules():
+                if not isinstance(m, torch.jit.ScriptModule):
+                    handles.append(m.register_forward_hook(hook))  # one by one: a failure removes those made
+            with torch.no_grad(), eval_mode(model):
+                (run or model.features)(probe)
     except Exception:  # noqa: BLE001 - any model the measurement cannot run keeps one pass per chunk
         return whole
+    return max(1, _ACTIVATION_BYTES * len(probe) // largest)
+
+
+@contextmanager
+def removed_on_exit(handles: Sequence[RemovableHandle]) -> Iterator[None]:
+    """Remove the hooks ``handles`` (a list may grow inside the block) on leaving the block,
+    however it is left."""
+    try:
+        yield
     finally:
         for h in handles:
             h.remove()
-    return max(1, _ACTIVATION_BYTES * len(probe) // largest)
 
 
 def equal_parts(x: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:

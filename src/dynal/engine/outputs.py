@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dynal.engine.modes import equal_parts, forward_batch
+from dynal.engine.modes import equal_parts, forward_batch, removed_on_exit
 from dynal.engine.param_grads import ParamGradStats, check_pseudo_label, param_grad_sum, residuals
 
 
@@ -243,12 +243,8 @@ def _mc_probs(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     out = []
     for t in range(passes):
         handles = [m.register_forward_hook(_mask_hook(masks, (t, j), ctx.generator)) for j, m in enumerate(layers)]
-        try:
-            with torch.no_grad():
-                logits = ctx.model.head(chunk.run_features())
-        finally:
-            for handle in handles:
-                handle.remove()
+        with removed_on_exit(handles), torch.no_grad():
+            logits = ctx.model.head(chunk.run_features())
         out.append(F.softmax(logits.double(), dim=1))
     return {"mc_probs": torch.stack(out, dim=1).numpy()}
 

@@ -56,7 +56,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dynal.engine.modes import equal_parts, eval_mode, forward_batch
+from dynal.engine.modes import equal_parts, eval_mode, forward_batch, removed_on_exit
 
 # Largest per-sample-gradient block built at once for one layer, in elements (256 MB of float32).
 _BLOCK_ELEMENTS = 1 << 26
@@ -223,16 +223,6 @@ def _grad_stats(g: dict[str, torch.Tensor], G: dict[str, torch.Tensor] | None) -
 
 
 @contextmanager
-def _removed_on_exit(handles: Sequence[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
-    """Remove the hooks ``handles`` on leaving the block, however it is left."""
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
 def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[list]]:
     """Record each module's input (detached), output (attached) and the output's version.
 
@@ -253,7 +243,7 @@ def _record_layers(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[l
         return fn
 
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    with _removed_on_exit(handles):
+    with removed_on_exit(handles):
         yield records
 
 
@@ -306,7 +296,7 @@ def _record_calls(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[li
 
     handles = [m.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     handles += [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    with _removed_on_exit(handles):
+    with removed_on_exit(handles):
         yield calls
 
 
@@ -402,7 +392,7 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
         return fn
 
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    with _removed_on_exit(handles):
+    with removed_on_exit(handles):
         yield calls
 
 
@@ -842,14 +832,15 @@ class ParamGradStats:
             dims = [0 if first_axis(t, n) and first_axis(u, m) else None for t, u in zip(call.leaves, seen.leaves)]
             return (dims, batched) if any(batched) else None
 
+        layouts = {mname: layout(mname) for mname in calls}
         units: dict[str, SimpleNamespace] = {}
         for name, chain in self._candidates().items():
-            mname = next((c for c in chain if c in units or layout(c) is not None), None)
+            mname = next((c for c in chain if layouts[c] is not None), None)
             if mname is None:
                 continue
             if mname not in units:
                 call = calls[mname][0]
-                dims, batched = layout(mname)
+                dims, batched = layouts[mname]
                 shapes = [t.shape if isinstance(t, torch.Tensor) else None for t in call.leaves]
                 units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, batched=batched, tree=call.tree, checked=False, loop=False, capture=False)
             units[mname].params[name[len(mname) + 1 :]] = name
