@@ -32,6 +32,7 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
@@ -278,6 +279,14 @@ def bench_cli(doc: str, rounds: int) -> tuple[argparse.Namespace, ProcessPoolExe
     return parser.parse_args(), pool
 
 
+def measure_case(pool: ProcessPoolExecutor, timings: Callable, peak_memory: Callable, case: int, paths: Sequence[str], args: argparse.Namespace) -> tuple[dict, list[int]]:
+    """One model's best times (``timings`` in a fresh process) and each path's peak memory
+    (``peak_memory`` in a fresh process per path; inference at its fastest batch size)."""
+    t = pool.submit(timings, case, args.threads, args.rounds).result()
+    mems = [pool.submit(peak_memory, case, t["inference_path"] if p == "inference" else p, args.threads).result() for p in paths]
+    return t, mems
+
+
 def main() -> None:
     args, pool = bench_cli(__doc__, rounds=5)
     lines = [
@@ -294,8 +303,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, (label, name, params, shape, n_pool, n_mat, chunk) in enumerate(CASES):
-        t = pool.submit(timings, case, args.threads, args.rounds).result()
-        mems = [pool.submit(peak_memory, case, t["inference_path"] if p == "inference" else p, args.threads).result() for p in PATHS]
+        t, mems = measure_case(pool, timings, peak_memory, case, PATHS, args)
         n_params = sum(p.numel() for p in _model(name, params, shape).parameters())
         rate = lambda p: f"{n_pool / t[p]:,.0f}" if t[p] else "-"  # noqa: E731
         ratio = lambda p, q, f: f"{t[p] / t[q]:.{f}f}x" if t[p] and t[q] else "-"  # noqa: E731

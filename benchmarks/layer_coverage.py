@@ -33,7 +33,7 @@ import warnings
 
 import numpy as np
 import torch
-from engine_speed import bench_cli, best_times, vmap_path, write_report
+from engine_speed import bench_cli, best_times, measure_case, vmap_path, write_report
 from torch import nn
 from torch.nn import functional as F
 
@@ -278,8 +278,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, (label, _, _, n, n_sub, _, _) in enumerate(CASES):
-        t = pool.submit(timings, case, args.threads, args.rounds).result()
-        mems = [pool.submit(peak_memory, case, t["inference_path"] if p == "inference" else p, args.threads).result() for p in PATHS]
+        t, mems = measure_case(pool, timings, peak_memory, case, PATHS, args)
         rate = lambda p: f"{n / t[p]:,.0f}"  # noqa: E731
         lines.append(
             f"| {label} | {t['params'] / 1e6:.2f}M | {n} | {n_sub} | {rate('inference')} ({t['inference_path'].split('/')[1]}) | "
