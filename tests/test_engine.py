@@ -386,16 +386,19 @@ def test_a_scan_that_needs_no_features_measures_only_the_gradient_pass():
     from dynal.models import SmallCNN
 
     model = SmallCNN((1, 6, 6), 3, width=4, hidden=8).eval()
-    calls = _count_forwards(model.body)
+    calls = []  # per pass of the body: its samples, and whether autograd recorded it
+    model.body.register_forward_pre_hook(lambda m, args: calls.append((len(args[0]), torch.is_grad_enabled())))
     ctx = Context(model, {}, torch.Generator())
     X = np.random.default_rng(4).normal(size=(5, 1, 6, 6)).astype(np.float32)
     list(pool_chunks(model, X, np.arange(5), ["param_grad_stats"], ctx, 4))
     # no features measured; the gradient statistics measure their own passes once per query
-    assert "forward_batch" not in ctx.cache and calls.count(2) == 1
+    # (without autograd, on two samples) and probe the sample axes once (with it)
+    assert "forward_batch" not in ctx.cache and calls.count((2, False)) == 1 and calls.count((2, True)) == 1
     assert ctx.cache["param_grad_stats"].forward_batch > 5
     # with the labeled-set gradient G_S, its measurement serves the pool's passes too
     strategy, calls[:] = DynamicAL(params="all"), []
     stats = labeled_stats(model, strategy.labeled, X[:3], np.array([0, 1, 2]))
+    measured = calls.count((2, False))
     ctx = Context(model, stats, torch.Generator(), strategy.output_options())
     list(pool_chunks(model, X, np.arange(5), strategy.outputs, ctx, 4))
-    assert calls.count(2) == 1 and ctx.cache["param_grad_stats"].forward_batch == stats["forward_batch"]
+    assert calls.count((2, False)) == measured and ctx.cache["param_grad_stats"].forward_batch == stats["forward_batch"]

@@ -222,8 +222,8 @@ def test_the_general_path_materializes_per_sample_gradients_in_bounded_slices(pe
     monkeypatch.setattr("dynal.engine.param_grads._BLOCK_ELEMENTS", 2 * size)  # 2 samples per slice
     slices = {"module": [], "model": []}
     unit_block, other_block, init = ParamGradStats._unit_block, ParamGradStats._other_block, ParamGradStats.__init__
-    # the module replay's cotangents and the whole model's inputs hold the slice's samples
-    monkeypatch.setattr(ParamGradStats, "_unit_block", lambda self, *a: slices["module"].append(len(a[-1][0])) or unit_block(self, *a))
+    # the module replay is told its slice's size; the whole model's inputs hold the slice's samples
+    monkeypatch.setattr(ParamGradStats, "_unit_block", lambda self, *a: slices["module"].append(a[-1]) or unit_block(self, *a))
     monkeypatch.setattr(ParamGradStats, "_other_block", lambda self, x, *a: slices["model"].append(len(x)) or other_block(self, x, *a))
     monkeypatch.setattr(ParamGradStats, "__init__", lambda self, *a: init(self, *a) or setattr(self, "per_module", per_module))
     stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
@@ -422,15 +422,16 @@ class Reused(nn.Module):
         self.a, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
         self.unused = nn.Linear(6, 6)
         self.att = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.act = nn.PReLU(6)
 
     def forward(self, x):
         if self.kind == "weight used outside its layer":
             return self.head(torch.tanh(self.a(x))) + x @ self.a.weight[:3].T
         if self.kind == "runs twice":
             return self.head(torch.tanh(self.a(torch.tanh(self.a(x)))))
-        if self.kind == "sequence-first input":  # (N, 6) -> (T, N, 6) with T = 6, the pool's N
-            seq = torch.tanh(x[None] * torch.linspace(0.5, 1.5, 6)[:, None, None])
-            return self.head(torch.tanh(self.a(seq)).mean(0))
+        if self.kind == "samples on the last axis":  # (N, 6) -> (T, 6, N): PReLU's channels on axis 1
+            seq = x.T[None] * torch.linspace(0.5, 1.5, 4)[:, None, None]
+            return self.head(torch.tanh(self.a(self.act(seq).mean(0).T)))
         if self.kind == "attention":  # out_proj is a Linear that MultiheadAttention never calls
             seq = x[:, None] * torch.linspace(0.5, 1.5, 4)[:, None]
             return self.head(torch.tanh(self.a(self.att(seq, seq, seq, need_weights=False)[0].mean(1))))
@@ -468,12 +469,12 @@ def test_tied_weights_are_counted_once(embedding):
     assert not any(name in tied for name, _ in stats.covered)
 
 
-@pytest.mark.parametrize("kind", ["weight used outside its layer", "runs twice", "sequence-first input", "attention", "unused layer"])
+@pytest.mark.parametrize("kind", ["weight used outside its layer", "runs twice", "samples on the last axis", "attention", "unused layer"])
 def test_layers_that_break_the_fast_path_while_running_move_to_the_general_path(kind):
     torch.manual_seed(5)
     X_lab, y_lab, X_pool = torch.randn(6, 6), torch.randint(0, 3, (6,)), torch.randn(6, 6)
     stats, message = _check_against_reference(Reused(kind), X_lab, y_lab, X_pool)
-    layer = {"attention": "att.out_proj", "unused layer": "unused"}.get(kind, "a")
+    layer = {"attention": "att.out_proj", "unused layer": "unused", "samples on the last axis": "act"}.get(kind, "a")
     # the attention's out_proj, a Linear it never calls, is not taken for covered at all
     assert (f"{layer} (NonDynamicallyQuantizableLinear)" if kind == "attention" else f"layer {layer} (") in message
     assert layer not in [name for name, _ in stats.covered]
@@ -500,26 +501,42 @@ def test_layers_that_compute_something_else_are_not_covered(kind):
     assert f"{layer} (" in message and layer not in [name for name, _ in stats.covered]
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("state_used", [False, True])
-def test_a_model_torch_func_cannot_run_is_scored_one_sample_at_a_time(state_used):
+def test_a_module_torch_func_cannot_run_is_scored_one_sample_at_a_time(state_used, batch_first):
     class Recurrent(nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
+            self.rnn, self.head = nn.GRU(4, 5, batch_first=batch_first), nn.Linear(5, 3)
 
         def forward(self, x):
-            out, state = self.rnn(x)
-            return self.head(out[:, -1] + state[0] if state_used else out[:, -1])
+            out, state = self.rnn(x if batch_first else x.transpose(0, 1))
+            last = out[:, -1] if batch_first else out[-1]
+            return self.head(last + state[0] if state_used else last)
 
     torch.manual_seed(7)
     X_lab, y_lab, X_pool = torch.randn(4, 3, 4), torch.tensor([0, 1, 2, 0]), torch.randn(5, 3, 4)
     stats, message = _check_against_reference(Recurrent(), X_lab, y_lab, X_pool)
     assert "one sample at a time" in message
-    if state_used:  # the final state (layers, N, H) has no sample axis first: the whole model
-        assert stats.loop_fallback and not stats.units
-        assert "module rnn (GRU) passes the logits' gradient through an output without the samples" in message
-    else:  # the GRU alone, one sample at a time
-        assert not stats.loop_fallback and [u.name for u in stats.units] == ["rnn"] and stats.units[0].loop
+    # the GRU alone, one sample at a time, on the sample axis of its input, its output and its
+    # final state (layers, N, H)
+    assert not stats.loop_fallback and [u.name for u in stats.units] == ["rnn"] and stats.units[0].loop
+    assert stats.units[0].out_axes == [0 if batch_first else 1, 1]
+
+
+def test_a_model_torch_func_cannot_run_is_scored_one_sample_at_a_time():
+    class Recurrent(nn.Module):  # the GRU's final state without its sample axis reaches the logits
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[1].sum(0) + self.rnn.bias_hh_l0[:5])  # a parameter used outside its module
+
+    torch.manual_seed(7)
+    X_lab, y_lab, X_pool = torch.randn(4, 3, 4), torch.tensor([0, 1, 2, 0]), torch.randn(5, 3, 4)
+    stats, message = _check_against_reference(Recurrent(), X_lab, y_lab, X_pool)
+    assert "one sample at a time" in message and stats.loop_fallback
 
 
 def test_the_first_batch_check_tolerates_gradients_that_underflow_float32():
@@ -793,7 +810,8 @@ def test_passes_are_split_so_the_largest_layer_output_stays_near_the_cache_size(
     stats = ParamGradStats(model, G)
     split = stats(X_pool)
     assert stats.forward_batch == 3 and calls[0] == 2  # the two-sample measurement
-    assert [c for c in calls[1:] if c > 1] == [3, 3, 2, 2]  # equal parts (the check's passes take 1)
+    # equal parts, the first one's followed by the two-sample probe (the check's passes take 1)
+    assert [c for c in calls[1:] if c > 1] == [3, 2, 3, 2, 2]
     for a, b in zip(split, whole):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     ref_norm, ref_cross = _reference(model, X_lab, y_lab, X_pool)
@@ -1195,14 +1213,96 @@ def test_attention_keeps_replaying_when_the_sequence_length_changes_between_batc
 
 
 @pytest.mark.filterwarnings("ignore:enable_nested_tensor")
-def test_sequence_first_attention_as_long_as_the_batch_is_not_replayed_on_the_wrong_axis():
-    # 5 sequences of 5 positions, the batch on axis 1: the probe shows that the attention's
-    # outputs do not have the samples first, so it is not replayed on its own module
+@pytest.mark.parametrize("n_pool", [5, 7])
+def test_sequence_first_attention_takes_its_closed_form_on_the_sample_axis(n_pool):
+    # the batch on axis 1 (torch's default) of 5 positions: with 5 sequences the first axis is
+    # as long as the batch, and the probe pass on two samples tells the axes apart
     torch.manual_seed(36)
     model = Causal(batch_first=False).eval()
-    X_lab, y_lab, X_pool = torch.randn(6, 5, 3), torch.randint(0, 3, (6,)), torch.randn(5, 5, 3)
+    X_lab, y_lab, X_pool = torch.randn(6, 5, 3), torch.randint(0, 3, (6,)), torch.randn(n_pool, 5, 3)
     stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
-    assert not stats.units and "module" not in message
+    assert [(u.name, u.capture) for u in stats.units] == [("enc.layers.0.self_attn", True)] and not stats._whole_model_params()
+    axes = dict(zip([name for name, _ in stats.covered], stats.layer_axes))
+    assert axes == {"embed": 0, "head": 0, **{f"enc.layers.0.{layer}": 1 for layer in ("linear1", "linear2", "norm1", "norm2")}}
+    assert "module" not in message and "has per-sample gradients other than" not in message
+
+
+class SequenceFirst(nn.Module):
+    """Token ids (N, T) read position-major: an embedding, LayerNorm and Linear on (T, N, ...)
+    and a user-defined shift there, pooled over the positions."""
+
+    def __init__(self, shift: bool):
+        super().__init__()
+        self.embed, self.norm, self.mix, self.head = nn.Embedding(11, 6, padding_idx=0), nn.LayerNorm(6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.shift = Shift(6) if shift else nn.Identity()
+
+    def forward(self, x):
+        h = self.norm(self.embed(x.long().T))  # (T, N, 6)
+        return self.head(torch.tanh(self.shift(self.mix(h))).mean(0))
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("n_pool", [9, 4, 1])
+def test_sequence_first_layers_keep_the_fast_path(n_pool, shift):
+    # 9 positions: a pool of 9 has the positions as long as the batch; a first batch of one
+    torch.manual_seed(43)
+    model = SequenceFirst(shift).eval()
+    X_lab, y_lab, X_pool = _tokens(6).float(), torch.randint(0, 3, (6,)), _tokens(n_pool).float()
+    if not shift:
+        _check_fast_path(model, X_lab, y_lab, X_pool)
+        stats = ParamGradStats(model, None)
+        stats(X_pool)
+    else:  # the user layer replays its call on the sample axis
+        stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
+        assert [(u.name, u.dims, u.out_axes) for u in stats.units] == [("shift", [1], [1])]
+        assert "module" not in message and "has per-sample gradients other than" not in message
+    assert dict(zip([name for name, _ in stats.covered], stats.layer_axes)) == {"embed": 1, "norm": 1, "mix": 1, "head": 0}
+
+
+class Trimmed(nn.Module):
+    """Sequence-first (T, N, d) after trimming to the batch's longest sequence (padding: first
+    feature -10), with a user-defined shift that gets a padding mask only when there is padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head, self.shift = nn.Linear(3, 6), nn.Linear(6, 3), PaddedShift()
+
+    def forward(self, x):
+        x = x[:, : int((x[..., 0] > -9).sum(1).max())]
+        pad = x[..., 0] <= -9
+        h = torch.tanh(self.a(x.transpose(0, 1)))
+        h = self.shift(h, pad) if pad.any() else self.shift(h)
+        valid = (~pad).T[..., None].float()
+        return self.head((torch.tanh(h) * valid).sum(0) / valid.sum(0))
+
+
+class PaddedShift(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.linspace(-0.5, 0.5, 6))
+
+    def forward(self, h, pad=None):
+        return h + self.beta if pad is None else (h + self.beta).masked_fill(pad.T[..., None], 0.0)
+
+
+def test_layer_sample_axes_stay_as_the_first_batch_checked_them():
+    # the shift's call changes on the second batch, whose probe (two sequences of 2 positions,
+    # the batch's 5 as long as its 5 samples) could not tell the linear layer's sample axis:
+    # the axes checked on the first batch stay
+    torch.manual_seed(0)
+    model = Trimmed().eval()
+    X_lab, y_lab = torch.randn(6, 5, 3), torch.randint(0, 3, (6,))
+    short = torch.randn(5, 5, 3)
+    short[:2, 2:, 0] = -10.0
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = ParamGradStats(model, G)
+        for X_pool in (torch.randn(5, 5, 3), short):
+            norm, cross = stats(X_pool)
+            _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+    assert "module shift (PaddedShift) gets other arguments" in " ".join(str(w.message) for w in caught)
+    assert dict(zip([name for name, _ in stats.covered], stats.layer_axes)) == {"a": 1, "head": 0}
 
 
 class Opaque(nn.Module):
@@ -1303,9 +1403,9 @@ def test_recording_a_module_keeps_identities_and_in_place_rules(kind):
 
 
 class Shift(nn.Module):
-    def __init__(self):
+    def __init__(self, size: int = 4):
         super().__init__()
-        self.beta = nn.Parameter(torch.linspace(-0.5, 0.5, 4))
+        self.beta = nn.Parameter(torch.linspace(-0.5, 0.5, size))
 
     def forward(self, x):
         return x + self.beta

@@ -12,7 +12,9 @@ per-sample gradient is built from its input and its output gradient, reduced to 
 numbers above and discarded, so memory is one layer of one sub-chunk at a time:
 
 - ``nn.Linear`` on (N, d) inputs: ``g = delta a^T``, so ``||g||^2 = ||a||^2 ||delta||^2`` and
-  ``<g, G_W> = delta^T G_W a`` (bias: ``delta``).
+  ``<g, G_W> = delta^T G_W a`` (bias: ``delta``); on sequences, ``g = sum_t delta_t a_t^T`` over
+  the positions, with the samples on any axis before the features (sequence-first models too),
+  as for ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.Embedding`` below.
 - ``nn.Conv2d``: ``g = sum_p delta_p u_p^T`` over output positions ``p`` with ``u_p`` the
   unfolded input patch, per group of channels (grouped and depthwise convolutions too).
 - ``nn.Conv1d`` as a ``Conv2d`` of height one, ``nn.Conv3d`` alike; string paddings and padding
@@ -300,11 +302,23 @@ def _record_calls(modules: Sequence[nn.Module], clone: bool) -> Iterator[list[li
         yield calls
 
 
+def _sample_axes(t: object, u: object, n: int, m: int) -> list[int]:
+    """The axes of ``t``, recorded on a batch of ``n`` samples, whose length follows the number
+    of samples: ``n`` in ``t`` and ``m`` in ``u``, the same tensor recorded on a probe of ``m``."""
+    if not isinstance(t, torch.Tensor) or not isinstance(u, torch.Tensor) or t.dim() != u.dim():
+        return []
+    return [k for k in range(t.dim()) if t.shape[k] == n and u.shape[k] == m]
+
+
+def _axis_name(axis: int) -> str:
+    return "first axis" if axis == 0 else f"axis {axis}"
+
+
 def _attention_ready(m: nn.Module) -> bool:
     """An ``nn.MultiheadAttention`` (not a subclass) with one packed input projection and no
     extra key/value bias or zero attention, whose parameters are only its projections: its
     statistics can come from its four projections as :func:`_record_attention` exposes them."""
-    if type(m) is not nn.MultiheadAttention or not m.batch_first or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+    if type(m) is not nn.MultiheadAttention or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
         return False
     names = {n for n, _ in m.named_parameters()}
     return "in_proj_weight" in names and names <= {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"} and not parametrize.is_parametrized(m.out_proj)
@@ -350,7 +364,9 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
     separate products (:func:`_attention_core` between them), so that their inputs and outputs
     are recorded like a ``Linear``'s, in (samples, positions, features) layout; attention
     weights asked for (``need_weights``) are recomputed the same way, so that gradient through
-    them reaches the projections too. A call without a batch axis, or whose recomputed values
+    them reaches the projections too. A sequence-first attention (``batch_first=False``) is
+    recomputed on its inputs with the first two axes swapped, so that its projections are
+    recorded with the samples first too. A call without a batch axis, or whose recomputed values
     differ from the attention's own, is recorded as ``None`` and left as it is."""
     calls: list[list[SimpleNamespace | None]] = [[] for _ in modules]
 
@@ -364,7 +380,7 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
                 return None
             need_weights = bool(given.get("need_weights", True))
             size, weight, bias = m.embed_dim, m.in_proj_weight, m.in_proj_bias
-            inputs = [query, key, value]
+            inputs = [query, key, value] if m.batch_first else [t.transpose(0, 1) for t in (query, key, value)]
             parts = [SimpleNamespace(weight=weight[k * size : (k + 1) * size], bias=None if bias is None else bias[k * size : (k + 1) * size]) for k in range(3)]
             projected = [F.linear(t, part.weight, part.bias) for t, part in zip(inputs, parts)]
             try:
@@ -375,7 +391,7 @@ def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list
                 calls[i].append(None)
                 return None
             out = F.linear(mixed, m.out_proj.weight, m.out_proj.bias)
-            ours = [out, weights] if need_weights else [out]
+            ours = [out if m.batch_first else out.transpose(0, 1)] + ([weights] if need_weights else [])  # weights: samples first either way
             reals = [t.detach() for t in output[: len(ours)]]
             # the recomputation must give the attention's own values (masks read as torch reads
             # them), on every call: else the call is replayed
@@ -686,6 +702,18 @@ _FAST = {
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _feature_axes(module: nn.Module) -> int | None:
+    """How many trailing axes of a covered layer's input its statistics read as features, for the
+    layers whose statistics read every other axis after the samples as positions, so that their
+    samples may be on any axis before the features (as in a sequence-first model); ``None`` for
+    layers whose statistics need the samples first (channels on axis 1, or one bag per row)."""
+    if isinstance(module, nn.Linear):
+        return 1
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return len(module.normalized_shape)
+    return 0 if isinstance(module, nn.Embedding) else None
+
+
 def _fast_class(module: nn.Module) -> type | None:
     """The class of :data:`_FAST` that ``module`` is an instance of, if any."""
     return next((c for c in _FAST if isinstance(module, c)), None)
@@ -720,11 +748,14 @@ class ParamGradStats:
     Covered layers (see :func:`_covered`) take the fast path. The other parameters take
     ``torch.func`` (``vmap`` over ``grad``) on their own module where that module (or, failing
     that, the nearest module that contains it) runs once per forward pass, leaves its
-    arguments as they were, and has the samples on the first axis of the outputs that reach the
-    logits: its recorded call is replayed on each sample alone against the gradient that reached
-    each output from outside the module, which costs about one more pass of that module. Which
-    arguments and outputs have a sample axis is fixed on the first batch, with a probe pass on
-    two samples. Such a module that is an ``nn.MultiheadAttention`` holding only its own
+    arguments as they were, and has a sample axis on the outputs that reach the logits: its
+    recorded call is replayed on each sample alone against the gradient that reached each
+    output from outside the module, which costs about one more pass of that module. Which axis
+    of each covered layer's input and output, and of each such module's arguments and outputs,
+    holds the samples (if any) is fixed on the first batch with a probe pass on two samples:
+    the axis whose length follows the number of samples, so that sequence-first models
+    (``batch_first=False``) keep the fast path, and a shared argument as long as the batch
+    (a causal mask) is not taken for a per-sample one. Such a module that is an ``nn.MultiheadAttention`` holding only its own
     projections is not replayed but gives its projections' statistics from a recomputation in
     the pass (:func:`_record_attention`) that matches its values. Parameters
     that no such module holds (one used directly by the model's own ``forward``, or tied
@@ -733,8 +764,8 @@ class ParamGradStats:
     The first batch with a nonzero gradient checks the fast path against the slow one: for its
     two samples with the largest ``||r||``, each covered layer's and each module's two statistics
     are compared with a one-sample autograd pass of the whole model. A layer that disagrees (its
-    weight also used outside its own forward, a hook that changes its output, a first axis that
-    is not the sample axis) or that does not run exactly once per forward pass moves to the
+    weight also used outside its own forward, a hook that changes its output, a sample axis that
+    the probe could not tell) or that does not run exactly once per forward pass moves to the
     general path, and a module that disagrees hands its parameters to the module that contains
     it, with a warning naming it.
 
@@ -756,6 +787,7 @@ class ParamGradStats:
         self.forward_batch = forward_batch
         self.failed_modules: set[str] = set()  # modules whose own replay cannot be trusted
         self.uncaptured: set[str] = set()  # attentions whose projections' closed form disagreed
+        self.sample_axes: dict[str, int] = {}  # each covered layer's sample axis, fixed on the first batch
         self.per_module = True  # False: every uncovered parameter on the whole model (for comparison)
         self._plan(exclude=[])
         if not self.covered and not self.other:
@@ -774,6 +806,7 @@ class ParamGradStats:
         self.excluded = exclude
         self.covered, self.other = split_parameters(self.model, exclude)
         self.units: list[SimpleNamespace] | None = None
+        self.layer_axes: list[int] | None = None  # the covered layers' sample axes, in their order
         G = self.G
         self.G_layers = None
         if G is not None:
@@ -798,39 +831,72 @@ class ParamGradStats:
                 chains[name] = chain
         return chains
 
-    def _choose_units(self, x: torch.Tensor, calls: dict[str, list[SimpleNamespace]]) -> None:
-        """Give each candidate parameter to the innermost of its modules that ran once on the
-        batch ``x``, without changing its arguments in place, with the samples on the first axis
-        of some output; fix which of that module's arguments and outputs have the samples on
-        their first axis: those whose first axis has the batch's size here and the probe's size
-        in a probe pass on two samples (one if the batch has two; the sample twice if it has
-        one), so that a shared argument as long as the batch (a causal mask), or a
-        sequence-first output as long as it, is not taken for a per-sample one."""
+    def _probe(self, x: torch.Tensor, modules: list[nn.Module], watched: list[str]) -> tuple[int, list[list], dict[str, list[SimpleNamespace]]]:
+        """A pass on two samples (one if the batch ``x`` has two; its sample twice if it has one)
+        recording the covered layers and the ``watched`` modules, so that the axes whose length
+        follows the number of samples show: the probe's size of samples, the layers' records and
+        the modules' calls (empty where the model cannot run the probe)."""
         n = len(x)
         m = 1 if n == 2 else 2
-        probe: dict[str, list[SimpleNamespace]] = {}
-        if calls:
-            try:
-                with torch.enable_grad(), _record_calls([self.model.get_submodule(name) for name in calls], clone=False) as probed:
-                    self.model(x[:m] if n > 1 else torch.cat([x, x]))
-                probe = dict(zip(calls, probed))
-            except Exception:  # noqa: BLE001 - a model that cannot run the probe: no module qualifies
-                pass
+        try:
+            with (
+                torch.enable_grad(),
+                _record_layers(modules, clone=False) as records,
+                _record_calls([self.model.get_submodule(name) for name in watched], clone=False) as calls,
+            ):
+                self.model(x[:m] if n > 1 else torch.cat([x, x]))
+        except Exception:  # noqa: BLE001 - a model that cannot run the probe: layers on their first axis, no module replays
+            return m, [[] for _ in modules], {}
+        return m, records, dict(zip(watched, calls))
 
-        def first_axis(t: object, size: int) -> bool:
-            return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size
+    def _choose_axes(self, records: list[list], probed: list[list], n: int, m: int) -> dict[str, str]:
+        """Fix the sample axis of each covered layer that has none yet (all of them on the first
+        batch, which the first check then compares; later batches keep them): the one axis of
+        its input and output whose length follows the number of samples (``n`` in ``records``,
+        ``m`` in the probe's), else the first. Returns the layers whose statistics cannot read
+        the samples there, with why."""
+        unread = {}
+        for (name, module), rec, seen in zip(self.covered, records, probed):
+            if name in self.sample_axes:
+                continue
+            axis = 0
+            if len(rec) == 3 and len(seen) == 3 and rec[0] is not None and seen[0] is not None:
+                outputs = _sample_axes(rec[1], seen[1], n, m)
+                common = [k for k in _sample_axes(rec[0], seen[0], n, m) if k in outputs]
+                axis = common[0] if len(common) == 1 else 0
+            features = _feature_axes(module)
+            if axis and (features is None or axis >= rec[0].dim() - features):
+                unread[name] = f"has the samples on axis {axis} of its input, where its statistics cannot read them"
+            self.sample_axes[name] = axis
+        self.layer_axes = [self.sample_axes[name] for name, _ in self.covered]
+        return unread
 
-        def layout(mname: str) -> tuple[list[int | None], list[bool]] | None:
-            """The arguments' sample axes and which outputs have one, if the module qualifies."""
+    def _choose_units(self, x: torch.Tensor, calls: dict[str, list[SimpleNamespace]], probe: dict[str, list[SimpleNamespace]], m: int) -> None:
+        """Give each candidate parameter to the innermost of its modules that ran once on the
+        batch ``x``, without changing its arguments in place, with the samples on an axis of
+        some output; fix which axis of that module's arguments and outputs holds the samples:
+        the one whose length is the batch's size here and the probe's size ``m`` in the
+        :meth:`_probe` pass, so that a shared argument as long as the batch (a causal mask) is
+        not taken for a per-sample one, nor a sequence axis as long as the batch for the samples'."""
+        n = len(x)
+
+        def axes(pairs: Iterator[tuple[object, object]]) -> list[int | None] | None:
+            """Per tensor its sample axis (``None``: shared); ``None`` if one has several."""
+            found = [_sample_axes(t, u, n, m) for t, u in pairs]
+            return None if any(len(a) > 1 for a in found) else [a[0] if a else None for a in found]
+
+        def layout(mname: str) -> tuple[list[int | None], list[int | None]] | None:
+            """The arguments' and the outputs' sample axes, if the module qualifies."""
             call, seen = calls[mname], probe.get(mname, [])
             if len(call) != 1 or len(seen) != 1 or call[0].changed_input or seen[0].changed_input:
                 return None
             call, seen = call[0], seen[0]
             if len(seen.leaves) != len(call.leaves) or len(seen.outputs) != len(call.outputs):
                 return None
-            batched = [first_axis(t, n) and first_axis(u, m) for t, u in zip(call.outputs, seen.outputs)]
-            dims = [0 if first_axis(t, n) and first_axis(u, m) else None for t, u in zip(call.leaves, seen.leaves)]
-            return (dims, batched) if any(batched) else None
+            dims, out_axes = axes(zip(call.leaves, seen.leaves)), axes(zip(call.outputs, seen.outputs))
+            if dims is None or out_axes is None or all(a is None for a in out_axes):
+                return None
+            return dims, out_axes
 
         layouts = {mname: layout(mname) for mname in calls}
         units: dict[str, SimpleNamespace] = {}
@@ -840,9 +906,9 @@ class ParamGradStats:
                 continue
             if mname not in units:
                 call = calls[mname][0]
-                dims, batched = layouts[mname]
+                dims, out_axes = layouts[mname]
                 shapes = [t.shape if isinstance(t, torch.Tensor) else None for t in call.leaves]
-                units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, batched=batched, tree=call.tree, checked=False, loop=False, capture=False)
+                units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, out_axes=out_axes, tree=call.tree, checked=False, loop=False, capture=False)
             units[mname].params[name[len(mname) + 1 :]] = name
         for unit in units.values():  # an attention holding just its own parameters: its projections' closed form
             unit.capture = _attention_ready(unit.module) and set(unit.params) == {n for n, _ in unit.module.named_parameters()} and unit.name not in self.uncaptured
@@ -857,14 +923,14 @@ class ParamGradStats:
         call = calls[0]
         if call.changed_input:
             return "changes its own arguments in place"
-        if call.tree != unit.tree or len(call.outputs) != len(unit.batched) or any(isinstance(t, torch.Tensor) != (shape is not None) for t, shape in zip(call.leaves, unit.shapes)):
+        if call.tree != unit.tree or len(call.outputs) != len(unit.out_axes) or any(isinstance(t, torch.Tensor) != (shape is not None) for t, shape in zip(call.leaves, unit.shapes)):
             return "gets other arguments, or gives other outputs, than on the first batch"
         for t, dim in zip(call.leaves, unit.dims):
-            if dim == 0 and t.shape[:1] != (n,):
-                return f"gets an argument of shape {tuple(t.shape)}, whose first axis is not the batch's {n} samples as on the first batch"
-        for t, batched in zip(call.outputs, unit.batched):
-            if batched and t.shape[:1] != (n,):
-                return f"gives an output of shape {tuple(t.shape)}, whose first axis is not the batch's {n} samples as on the first batch"
+            if dim is not None and (t.dim() <= dim or t.shape[dim] != n):
+                return f"gets an argument of shape {tuple(t.shape)}, whose {_axis_name(dim)} is not the batch's {n} samples as on the first batch"
+        for t, axis in zip(call.outputs, unit.out_axes):
+            if axis is not None and (t.dim() <= axis or t.shape[axis] != n):
+                return f"gives an output of shape {tuple(t.shape)}, whose {_axis_name(axis)} is not the batch's {n} samples as on the first batch"
         return None
 
     def _unit_failed(self, reasons: dict[str, str]) -> None:
@@ -948,21 +1014,27 @@ class ParamGradStats:
         # an attention taking its projections' closed form is recorded by _record_attention alone
         watched = sorted({m for chain in self._candidates().values() for m in chain}) if choosing else [u.name for u in self.units if not u.capture]
         logits, records, calls, attention = self._forward(x, modules, watched, clone=self.clone_outputs)
+        if choosing:  # the sample axes of the layers and of the candidate modules' arguments and outputs
+            m, probed_layers, probed_calls = self._probe(x, modules, watched)
+            unread = self._choose_axes(records, probed_layers, n, m)
+            if unread:
+                self._demote(unread)
+                return self._batch(x, pseudo_label)
         odd = {}
-        for (name, _), rec in zip(self.covered, records):
+        for (name, _), rec, axis in zip(self.covered, records, self.layer_axes):
             if len(rec) != 3:
                 odd[name] = f"runs {len(rec) // 3} times per forward pass"
             elif rec[0] is None:
                 odd[name] = "gets tensors besides its input (offsets or per_sample_weights), which its statistics do not read"
-            elif rec[0].shape[:1] != (n,):
-                odd[name] = f"gets inputs of shape {tuple(rec[0].shape)}, whose first axis is not the batch's {n} samples"
-            elif rec[1].shape[:1] != (n,):
-                odd[name] = f"gives outputs of shape {tuple(rec[1].shape)}, whose first axis is not the batch's {n} samples"
+            elif rec[0].dim() <= axis or rec[0].shape[axis] != n:
+                odd[name] = f"gets inputs of shape {tuple(rec[0].shape)}, whose {_axis_name(axis)} is not the batch's {n} samples"
+            elif rec[1].dim() <= axis or rec[1].shape[axis] != n:
+                odd[name] = f"gives outputs of shape {tuple(rec[1].shape)}, whose {_axis_name(axis)} is not the batch's {n} samples"
         if odd:
             self._demote(odd)
             return self._batch(x, pseudo_label)
         if choosing:
-            self._choose_units(x, calls)
+            self._choose_units(x, calls, probed_calls, m)
         if choosing and any(u.capture for u in self.units):  # chosen on this pass: record their projections
             return self._batch(x, pseudo_label)
         problems = {u.name: why for u in self.units if not u.capture and (why := self._unit_problem(u, calls[u.name], n))}
@@ -1004,8 +1076,10 @@ class ParamGradStats:
                     deltas[i] = d
             with torch.no_grad():
                 layers = [
-                    self.layer_stats[i](m, rec[0], d, self.G_layers[i] if self.G_layers is not None else None) if d is not None else _zero_stats(n, logits.dtype, self.G_layers is not None)
-                    for i, (m, rec, d) in enumerate(zip(modules, records, deltas))
+                    self.layer_stats[i](layer, rec[0].movedim(axis, 0), d.movedim(axis, 0), self.G_layers[i] if self.G_layers is not None else None)
+                    if d is not None
+                    else _zero_stats(n, logits.dtype, self.G_layers is not None)
+                    for i, (layer, rec, d, axis) in enumerate(zip(modules, records, deltas, self.layer_axes))
                 ]
                 if layers:  # summed in float64, in one reduction per statistic
                     n_sum = torch.stack([n_l for n_l, _ in layers]).sum(0, dtype=torch.float64)
@@ -1030,8 +1104,8 @@ class ParamGradStats:
                     continue
                 douts = [d if first else None for d, first in zip(deltas[start : start + len(call.outputs)], call.first)]
                 start += len(call.outputs)
-                if any(d is not None and not batched for d, batched in zip(douts, unit.batched)):
-                    self._unit_failed({unit.name: "passes the logits' gradient through an output without the samples on its first axis"})
+                if any(d is not None and axis is None for d, axis in zip(douts, unit.out_axes)):
+                    self._unit_failed({unit.name: "passes the logits' gradient through an output without a sample axis"})
                     return self._batch(x, pseudo_label)
                 try:
                     replayed.append(self._unit_stats(unit, call, douts, n))
@@ -1061,9 +1135,9 @@ class ParamGradStats:
                             u.checked = False
                         return self._batch(x, pseudo_label)
                     if layers_wrong:
-                        self._demote(dict.fromkeys(layers_wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, its output changed by a hook, or its first axis not the samples?)"))
+                        self._demote(dict.fromkeys(layers_wrong, "has per-sample gradients other than its input and output give (is its weight also used elsewhere, its output changed by a hook, or its samples on another axis than the probe pass showed?)"))
                     if units_wrong:
-                        self._unit_failed(dict.fromkeys(units_wrong, "has per-sample gradients other than replaying its own call gives (is a parameter of it also used outside it, or its first axes not the samples?)"))
+                        self._unit_failed(dict.fromkeys(units_wrong, "has per-sample gradients other than replaying its own call gives (is a parameter of it also used outside it, or its samples on other axes than the probe pass showed?)"))
                     if layers_wrong or units_wrong:
                         return self._batch(x, pseudo_label)
             if whole:
@@ -1193,17 +1267,20 @@ class ParamGradStats:
         G = {full: self.G[full] for full in unit.params.values()} if self.G is not None else None
         parts = []
         for i in range(0, n, step):
-            rows = slice(i, i + step)
-            leaves = [t[rows] if dim == 0 else t for t, dim in zip(call.leaves, unit.dims)]
-            parts.append(_grad_stats(self._unit_block(unit, call.tree, leaves, used, [douts[k][rows] for k in used]), G))
+            size = min(step, n - i)
+            leaves = [t if dim is None else t.narrow(dim, i, size) for t, dim in zip(call.leaves, unit.dims)]
+            cotangents = [douts[k].narrow(unit.out_axes[k], i, size) for k in used]
+            parts.append(_grad_stats(self._unit_block(unit, call.tree, leaves, used, cotangents, size), G))
         return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
 
-    def _unit_block(self, unit: SimpleNamespace, tree, leaves: list, used: list[int], cotangents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The per-sample gradients of a module's own uncovered parameters for one slice: the
-        gradient of ``sum_k <output_k, cotangent_k>`` with the module run on each sample alone
-        (as a batch of one), the arguments without a sample axis shared."""
+    def _unit_block(self, unit: SimpleNamespace, tree, leaves: list, used: list[int], cotangents: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """The per-sample gradients of a module's own uncovered parameters for a slice of ``n``
+        samples: the gradient of ``sum_k <output_k, cotangent_k>`` with the module run on each
+        sample alone (as a batch of one, on the sample axis of each argument and output), the
+        arguments without a sample axis shared."""
         module, names = unit.module, list(unit.params)
-        mapped = [k for k, dim in enumerate(unit.dims) if dim == 0]
+        mapped = [k for k, dim in enumerate(unit.dims) if dim is not None]
+        out_axes = [unit.out_axes[k] for k in used]
 
         def outputs(sample_leaves: Sequence[torch.Tensor], params: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
             full = list(leaves)
@@ -1219,22 +1296,22 @@ class ParamGradStats:
             buffers = dict(module.named_buffers())
 
             def surrogate(free_params: dict[str, torch.Tensor], sample_leaves: list[torch.Tensor], sample_cot: list[torch.Tensor]) -> torch.Tensor:
-                outs = outputs([t[None] for t in sample_leaves], {**fixed, **free_params, **buffers})
-                return sum((outs[k][0] * c).sum() for k, c in zip(used, sample_cot))
+                outs = outputs([t.unsqueeze(unit.dims[k]) for k, t in zip(mapped, sample_leaves)], {**fixed, **free_params, **buffers})
+                return sum((outs[k].select(axis, 0) * c).sum() for k, axis, c in zip(used, out_axes, sample_cot))
 
             try:
                 with _own_tensors_kept(module), _quiet_batching_fallback():
-                    g = vmap(grad(surrogate), in_dims=(None, 0, 0))(free, [leaves[k] for k in mapped], cotangents)
+                    g = vmap(grad(surrogate), in_dims=(None, [unit.dims[k] for k in mapped], out_axes))(free, [leaves[k] for k in mapped], cotangents)
                 return {unit.params[rel]: v for rel, v in g.items()}
             except Exception as err:  # noqa: BLE001 - torch.func raises several kinds
                 reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
 
         def loss(i: int) -> torch.Tensor:
-            outs = outputs([leaves[k][i : i + 1] for k in mapped])
-            return sum((outs[k][0] * c[i]).sum() for k, c in zip(used, cotangents))
+            outs = outputs([leaves[k].narrow(unit.dims[k], i, 1) for k in mapped])
+            return sum((outs[k].select(axis, 0) * c.select(axis, i)).sum() for k, axis, c in zip(used, out_axes, cotangents))
 
         # an error here too means the module cannot run on one sample as recorded (see _batch)
-        rows = _one_sample_grads(loss, len(cotangents[0]), [module.get_parameter(rel) for rel in names])
+        rows = _one_sample_grads(loss, n, [module.get_parameter(rel) for rel in names])
         if not unit.loop:
             unit.loop = True
             warnings.warn(f"params='all': torch.func cannot take per-sample gradients of {self._label(unit.name)} ({reason}); taking them one sample at a time", stacklevel=5)
