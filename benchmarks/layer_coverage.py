@@ -1,21 +1,24 @@
 """Cost of dynamicAL params="all" on models beyond the engine table (benchmarks/engine_speed.py):
 sequence, text, tabular, depthwise-separable and 3-D convolutional models, whose Embedding,
 EmbeddingBag, LayerNorm, GroupNorm, Conv1d, BatchNorm1d, grouped (depthwise) Conv2d and Conv3d
-layers have dynal's per-layer fast path, and two models with layers outside it: a transformer
-built from nn.TransformerEncoderLayer (nn.MultiheadAttention) and a ResNet-18 with a
-user-defined layer (a learned per-channel scale after each block).
+layers have dynal's per-layer fast path, and three models with layers outside it: transformers
+built from nn.TransformerEncoderLayer (nn.MultiheadAttention), with the samples first and, as
+torch's default, second (batch_first=False), and a ResNet-18 with a user-defined layer (a
+learned per-channel scale after each block).
 
 For each model, on the same random pool (CPU):
   (a) inference     forward pass over the pool (no_grad, eval mode), in batches of 16 to 256
                     samples: the fastest batch size is reported
   (c) all           dynal's ParamGradStats (every layer of the first six models on the fast path;
-                    in the last two, the layers outside it take torch.func on their own module)
+                    in the last three, the layers outside it take torch.func on their own module)
   (g) general       the first six models: the layers named above on dynal's general path
                     (torch.func's vmap over grad for their parameters, on the whole model), as
                     before they had a fast path; for the first three models also passes split
                     only to bound convolutions' per-sample gradients, not by layer output size,
-                    as before that split existed. The last two: the layers outside the fast
-                    path on the whole model, as before they replayed their own module
+                    as before that split existed. The last three: the layers outside the fast
+                    path on the whole model, as before they replayed their own module; for the
+                    sequence-first transformer also every layer but the head, as before layers
+                    with the samples on another axis than the first kept the fast path
   (d) vmap          per-sample gradients of all parameters materialized with torch.func
 (c) and (g) run in the library's default chunks of 1,024 (which ParamGradStats splits into
 passes whose largest layer output is near 8 MB); (c), (g) and (d) are checked to give the same
@@ -141,19 +144,23 @@ class BagOfWords(nn.Module):
 class AttentionTransformer(nn.Module):
     """Token ids -> embeddings plus fixed positions -> ``nn.TransformerEncoder`` (pre-norm
     ``nn.TransformerEncoderLayer``, whose ``nn.MultiheadAttention`` runs its projections inside
-    one function, outside the per-layer fast path) -> mean."""
+    one function, outside the per-layer fast path) -> mean; with ``batch_first=False`` every
+    layer before the head runs position-major, (positions, samples, features)."""
 
-    def __init__(self, vocab: int, length: int, dim: int = 128, blocks: int = 2) -> None:
+    def __init__(self, vocab: int, length: int, dim: int = 128, blocks: int = 2, batch_first: bool = True) -> None:
         super().__init__()
+        self.batch_first = batch_first
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
         angle = torch.arange(length)[:, None] / 10_000 ** (torch.arange(0, dim, 2) / dim)
         self.register_buffer("position", torch.cat([angle.sin(), angle.cos()], 1))
-        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, activation="gelu", batch_first=batch_first, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.encoder(self.embed(x.long()) + self.position)).mean(1))
+        if self.batch_first:
+            return self.head(self.norm(self.encoder(self.embed(x.long()) + self.position)).mean(1))
+        return self.head(self.norm(self.encoder(self.embed(x.long().T) + self.position[:, None])).mean(0))
 
 
 class ChannelScale(nn.Module):
@@ -184,25 +191,28 @@ def _new(m: nn.Module) -> bool:
 
 
 # label, model, input maker (n, generator) -> float32 array, pool size, sub-pool of (d), whether
-# (g) runs whole chunks (dynal before its passes were split by layer output size), and whether
-# the model has layers outside the fast path ((g): on the whole model instead of their module)
+# (g) runs whole chunks (dynal before its passes were split by layer output size), and what (g)
+# takes on the whole model: "new" layers (before they had a fast path), the parameters outside
+# the fast path ("replayed", before they replayed their module), or those and every layer but
+# the head ("sequence-first", before layers with the samples on a later axis had the fast path)
 TOKENS = lambda n, rng: np.where(np.arange(64) < 50, rng.integers(1, 30_000, (n, 64)), 0).astype(np.float32)  # noqa: E731
 CASES = [
-    ("transformer, vocabulary 30,000, 64 tokens", lambda: TextTransformer(30_000, 64), TOKENS, 512, 64, True, False),
-    ("1-D CNN, 8 x 256 series", lambda: series_cnn(8), lambda n, rng: rng.normal(size=(n, 8, 256)).astype(np.float32), 1024, 128, True, False),
-    ("tabular MLP + BatchNorm1d, 64 features", lambda: tabular_mlp(64), lambda n, rng: rng.normal(size=(n, 64)).astype(np.float32), 8192, 1024, True, False),
-    ("depthwise-separable CNN, 3 x 32 x 32", separable_cnn, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 512, 64, False, False),
-    ("bag of words, vocabulary 30,000, 64 tokens", lambda: BagOfWords(30_000), TOKENS, 4096, 256, False, False),
-    ("3-D CNN, 1 x 16 x 32 x 32 volumes", volume_cnn, lambda n, rng: rng.normal(size=(n, 1, 16, 32, 32)).astype(np.float32), 256, 32, False, False),
-    ("nn.TransformerEncoder (nn.MultiheadAttention), vocabulary 30,000, 64 tokens", lambda: AttentionTransformer(30_000, 64), TOKENS, 512, 64, False, True),
-    ("ResNet-18 w0.5 + a user-defined scale layer, 3 x 32 x 32", scaled_resnet, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 256, 32, False, True),
+    ("transformer, vocabulary 30,000, 64 tokens", lambda: TextTransformer(30_000, 64), TOKENS, 512, 64, True, "new"),
+    ("1-D CNN, 8 x 256 series", lambda: series_cnn(8), lambda n, rng: rng.normal(size=(n, 8, 256)).astype(np.float32), 1024, 128, True, "new"),
+    ("tabular MLP + BatchNorm1d, 64 features", lambda: tabular_mlp(64), lambda n, rng: rng.normal(size=(n, 64)).astype(np.float32), 8192, 1024, True, "new"),
+    ("depthwise-separable CNN, 3 x 32 x 32", separable_cnn, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 512, 64, False, "new"),
+    ("bag of words, vocabulary 30,000, 64 tokens", lambda: BagOfWords(30_000), TOKENS, 4096, 256, False, "new"),
+    ("3-D CNN, 1 x 16 x 32 x 32 volumes", volume_cnn, lambda n, rng: rng.normal(size=(n, 1, 16, 32, 32)).astype(np.float32), 256, 32, False, "new"),
+    ("nn.TransformerEncoder (nn.MultiheadAttention), vocabulary 30,000, 64 tokens", lambda: AttentionTransformer(30_000, 64), TOKENS, 512, 64, False, "replayed"),
+    ("nn.TransformerEncoder, sequence-first (batch_first=False), vocabulary 30,000, 64 tokens", lambda: AttentionTransformer(30_000, 64, batch_first=False), TOKENS, 512, 64, False, "sequence-first"),
+    ("ResNet-18 w0.5 + a user-defined scale layer, 3 x 32 x 32", scaled_resnet, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 256, 32, False, "replayed"),
 ]
 PATHS = ("inference", "all", "general", "vmap")
 
 
 def _setup(case: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    _, make, draw, n, n_sub, whole_chunks, replays = CASES[case]
+    _, make, draw, n, n_sub, whole_chunks, before = CASES[case]
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = make()
@@ -217,8 +227,10 @@ def _setup(case: int, threads: int) -> dict:
         fast = ParamGradStats(model, G)
         general = ParamGradStats(model, G)
         general.per_module = False  # uncovered parameters on the whole model, as before
-        if not replays:
+        if before == "new":
             general._plan(exclude=[name for name, m in model.named_modules() if _new(m)])
+        elif before == "sequence-first":
+            general._plan(exclude=[name for name, _ in general.covered if name != "head"])
         if whole_chunks:
             general.forward_batch = CHUNK  # passes split only for convolutions, as before
 
