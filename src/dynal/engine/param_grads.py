@@ -30,8 +30,9 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
 - ``nn.PReLU``: ``g = sum delta * min(a, 0)`` over each channel's positions.
 
 - ``nn.MultiheadAttention``: its four projections as ``nn.Linear`` on a sequence, their inputs
-  and output gradients exposed by recomputing the attention in the pass (see
-  :func:`_record_attention`).
+  and output gradients exposed by recomputing the attention in the pass; ``nn.GRU`` and
+  ``nn.LSTM`` alike, each layer's input projection a ``Linear`` on the sequence and its hidden
+  projection one on the steps' previous states (see :func:`_record_closed_forms`).
 
 Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), with a
 warning naming the layer: on their own module alone where it can be (its recorded call replayed
@@ -317,7 +318,7 @@ def _axis_name(axis: int) -> str:
 def _attention_ready(m: nn.Module) -> bool:
     """An ``nn.MultiheadAttention`` (not a subclass) with one packed input projection and no
     extra key/value bias or zero attention, whose parameters are only its projections: its
-    statistics can come from its four projections as :func:`_record_attention` exposes them."""
+    statistics can come from its four projections as :func:`_attention_closed_form` exposes them."""
     if type(m) is not nn.MultiheadAttention or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
         return False
     names = {n for n, _ in m.named_parameters()}
@@ -357,53 +358,155 @@ def _attention_core(heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return mixed.transpose(1, 2).reshape(n, targets, size), weights
 
 
+def _piece(module: nn.Module, weight: str, bias: str | None, rows: slice = slice(None)) -> SimpleNamespace:
+    """One product ``F.linear(a, W[rows], b[rows])`` of a module's closed form: its weight and
+    bias (rows of the module's parameters ``weight`` and ``bias``), and their names."""
+    return SimpleNamespace(
+        weight=module.get_parameter(weight)[rows], bias=None if bias is None else module.get_parameter(bias)[rows], names=(weight, bias), rows=rows
+    )
+
+
+def _same_values(ours: Sequence[torch.Tensor], reals: Sequence[torch.Tensor]) -> bool:
+    """Whether a recomputation gives a module's own outputs (to its dtype's rounding)."""
+    with torch.no_grad():
+        for mine, real in zip(ours, reals):
+            tolerance = max(1e-4, 16 * torch.finfo(real.dtype).eps) * float(real.abs().max()) + 1e-30
+            if mine.shape != real.shape or not float((mine.detach() - real).abs().max()) <= tolerance:
+                return False
+    return True
+
+
+def _attention_closed_form(m: nn.MultiheadAttention, args: tuple, kwargs: dict, output) -> tuple[SimpleNamespace, list[torch.Tensor]] | None:
+    """The attention recomputed with its four projections as separate products
+    (:func:`_attention_core` between them), on inputs in (samples, positions, features) layout
+    (a sequence-first attention's with the first two axes swapped); attention weights asked for
+    (``need_weights``) are recomputed too, so that gradient through them reaches the
+    projections. Returns the projections' record and the recomputed outputs, or ``None``."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+    given = {**dict(zip(names, args)), **kwargs}
+    query, key, value = given["query"], given["key"], given["value"]
+    if query.dim() != 3 or not isinstance(output, tuple):
+        return None
+    need_weights = bool(given.get("need_weights", True))
+    size = m.embed_dim
+    inputs = [query, key, value] if m.batch_first else [t.transpose(0, 1) for t in (query, key, value)]
+    bias = "in_proj_bias" if m.in_proj_bias is not None else None
+    pieces = [_piece(m, "in_proj_weight", bias, slice(k * size, (k + 1) * size)) for k in range(3)]
+    projected = [F.linear(t, piece.weight, piece.bias) for t, piece in zip(inputs, pieces)]
+    try:
+        mixed, weights = _attention_core(
+            m.num_heads, *projected, given.get("key_padding_mask"), given.get("attn_mask"), given.get("is_causal", False), need_weights, bool(given.get("average_attn_weights", True))
+        )
+    except Exception:  # noqa: BLE001 - masks or shapes this recomputation does not read as torch does: replayed instead
+        return None
+    pieces.append(_piece(m, "out_proj.weight", "out_proj.bias" if m.out_proj.bias is not None else None))
+    out = F.linear(mixed, pieces[-1].weight, pieces[-1].bias)
+    ours = [out if m.batch_first else out.transpose(0, 1)] + ([weights] if need_weights else [])  # weights: samples first either way
+    return SimpleNamespace(pieces=pieces, inputs=[t.detach() for t in (*inputs, mixed)], outputs=[*projected, out]), ours
+
+
+def _rnn_closed_form(m: nn.GRU | nn.LSTM, args: tuple, kwargs: dict, output) -> tuple[SimpleNamespace, list[torch.Tensor]] | None:
+    """A GRU or LSTM recomputed step by step, each layer and direction's input projection one
+    product over the whole sequence and its hidden projection one product per step, plus a zero
+    tensor of the steps' shape (``F.linear(h, W_hh, b_hh) + Z[:, t]``) so that one gradient
+    (``Z``'s) holds every step's; inputs in (samples, steps, features) layout. Returns the
+    products' record and the recomputed output and final states, or ``None`` (a packed or
+    unbatched input)."""
+    given = {**dict(zip(("input", "hx"), args)), **kwargs}
+    x, hx = given["input"], given.get("hx")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not isinstance(output, tuple):
+        return None
+    lstm = isinstance(m, nn.LSTM)
+    x = x if m.batch_first else x.transpose(0, 1)
+    n, steps = x.shape[:2]
+    directions, size = 2 if m.bidirectional else 1, m.hidden_size
+    if hx is None:
+        h0 = c0 = x.new_zeros(m.num_layers * directions, n, size)
+    else:
+        h0, c0 = hx if lstm else (hx, None)
+    pieces, inputs, outputs, finals, cells = [], [], [], [], []
+    layer_input = x
+    for layer in range(m.num_layers):
+        sequences = []
+        for direction in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            ih = _piece(m, "weight_ih" + suffix, "bias_ih" + suffix if m.bias else None)
+            hh = _piece(m, "weight_hh" + suffix, "bias_hh" + suffix if m.bias else None)
+            gates_in = F.linear(layer_input, ih.weight, ih.bias)
+            zero = torch.zeros(n, steps, hh.weight.shape[0], dtype=gates_in.dtype, requires_grad=True)
+            # one unbind each, whose backward stacks the steps' gradients (a slice per step
+            # would fill a whole-sequence gradient per step)
+            step_in, step_zero = gates_in.unbind(1), zero.unbind(1)
+            h, c = h0[layer * directions + direction], c0[layer * directions + direction] if lstm else None
+            before, after = [None] * steps, [None] * steps
+            for t in range(steps) if direction == 0 else range(steps - 1, -1, -1):
+                before[t] = h
+                gates_h = F.linear(h, hh.weight, hh.bias) + step_zero[t]
+                if lstm:
+                    i, f, g, o = (step_in[t] + gates_h).chunk(4, 1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                else:
+                    i_r, i_z, i_n = step_in[t].chunk(3, 1)
+                    h_r, h_z, h_n = gates_h.chunk(3, 1)
+                    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+                    h = (1 - z) * torch.tanh(i_n + r * h_n) + z * h
+                after[t] = h
+            pieces += [ih, hh]
+            inputs += [layer_input.detach(), torch.stack(before, 1).detach()]
+            outputs += [gates_in, zero]
+            sequences.append(torch.stack(after, 1))
+            finals.append(h)
+            cells.append(c)
+        layer_input = torch.cat(sequences, 2) if directions == 2 else sequences[0]
+    out = layer_input if m.batch_first else layer_input.transpose(0, 1)
+    ours = [out, torch.stack(finals)] + ([torch.stack(cells)] if lstm else [])
+    return SimpleNamespace(pieces=pieces, inputs=inputs, outputs=outputs), ours
+
+
+def _rnn_ready(m: nn.Module) -> bool:
+    """An ``nn.GRU`` or ``nn.LSTM`` (not a subclass; no LSTM projection) whose parameters are
+    only its own weights, as :func:`_rnn_closed_form` reads them."""
+    if type(m) not in (nn.GRU, nn.LSTM) or getattr(m, "proj_size", 0) or parametrize.is_parametrized(m):
+        return False
+    return {n for n, _ in m.named_parameters()} == set(m._flat_weights_names)
+
+
+def _closed_form(m: nn.Module) -> Callable | None:
+    """The recomputation that gives a module's parameters closed-form statistics, if any."""
+    if _attention_ready(m):
+        return _attention_closed_form
+    return _rnn_closed_form if _rnn_ready(m) else None
+
+
 @contextmanager
-def _record_attention(modules: Sequence[nn.MultiheadAttention]) -> Iterator[list[list[SimpleNamespace | None]]]:
-    """Expose each attention's projections: its output becomes its own value plus, with a zero
-    value and the same gradient, the attention recomputed with its four projections as
-    separate products (:func:`_attention_core` between them), so that their inputs and outputs
-    are recorded like a ``Linear``'s, in (samples, positions, features) layout; attention
-    weights asked for (``need_weights``) are recomputed the same way, so that gradient through
-    them reaches the projections too. A sequence-first attention (``batch_first=False``) is
-    recomputed on its inputs with the first two axes swapped, so that its projections are
-    recorded with the samples first too. A call without a batch axis, or whose recomputed values
-    differ from the attention's own, is recorded as ``None`` and left as it is."""
+def _record_closed_forms(modules: Sequence[nn.Module]) -> Iterator[list[list[SimpleNamespace | None]]]:
+    """Expose the products inside each module that has a closed form (:func:`_closed_form`:
+    attention's projections, a recurrent layer's input and hidden projections): its outputs
+    become their own values plus, with a zero value and the same gradient, the module
+    recomputed with those products as separate ``F.linear`` calls, whose inputs and outputs are
+    recorded like a ``Linear``'s on a sequence, samples first. A call the recomputation does not
+    read (no batch axis, a packed sequence), or whose recomputed values differ from the
+    module's own, is recorded as ``None`` and left as it is."""
     calls: list[list[SimpleNamespace | None]] = [[] for _ in modules]
 
     def hook(i: int):
-        def fn(m: nn.MultiheadAttention, args: tuple, kwargs: dict, output):
-            names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
-            given = {**dict(zip(names, args)), **kwargs}
-            query, key, value = given["query"], given["key"], given["value"]
-            if query.dim() != 3 or not isinstance(output, tuple) or not output[0].requires_grad:
+        def fn(m: nn.Module, args: tuple, kwargs: dict, output):
+            ready = isinstance(output, tuple) and isinstance(output[0], torch.Tensor) and output[0].requires_grad  # not a packed sequence
+            found = _closed_form(m)(m, args, kwargs, output) if ready else None
+            if found is None:
                 calls[i].append(None)
                 return None
-            need_weights = bool(given.get("need_weights", True))
-            size, weight, bias = m.embed_dim, m.in_proj_weight, m.in_proj_bias
-            inputs = [query, key, value] if m.batch_first else [t.transpose(0, 1) for t in (query, key, value)]
-            parts = [SimpleNamespace(weight=weight[k * size : (k + 1) * size], bias=None if bias is None else bias[k * size : (k + 1) * size]) for k in range(3)]
-            projected = [F.linear(t, part.weight, part.bias) for t, part in zip(inputs, parts)]
-            try:
-                mixed, weights = _attention_core(
-                    m.num_heads, *projected, given.get("key_padding_mask"), given.get("attn_mask"), given.get("is_causal", False), need_weights, bool(given.get("average_attn_weights", True))
-                )
-            except Exception:  # noqa: BLE001 - masks or shapes this recomputation does not read as torch does: replayed instead
-                calls[i].append(None)
-                return None
-            out = F.linear(mixed, m.out_proj.weight, m.out_proj.bias)
-            ours = [out if m.batch_first else out.transpose(0, 1)] + ([weights] if need_weights else [])  # weights: samples first either way
-            reals = [t.detach() for t in output[: len(ours)]]
-            # the recomputation must give the attention's own values (masks read as torch reads
+            record, ours = found
+            flat, spec = tree_flatten(output)
+            reals = [t.detach() for t in flat[: len(ours)]]
+            # the recomputation must give the module's own values (masks read as torch reads
             # them), on every call: else the call is replayed
-            with torch.no_grad():
-                for mine, real in zip(ours, reals):
-                    tolerance = max(1e-4, 16 * torch.finfo(real.dtype).eps) * float(real.abs().max()) + 1e-30
-                    if mine.shape != real.shape or not float((mine.detach() - real).abs().max()) <= tolerance:
-                        calls[i].append(None)
-                        return None
-            layers = [*parts, m.out_proj]
-            calls[i].append(SimpleNamespace(layers=layers, inputs=[t.detach() for t in (*inputs, mixed)], outputs=[*projected, out]))
-            return (*(real + (mine - mine.detach()) for mine, real in zip(ours, reals)), *output[len(ours) :])
+            if not _same_values(ours, reals):
+                calls[i].append(None)
+                return None
+            calls[i].append(record)
+            return tree_unflatten([*(real + (mine - mine.detach()) for mine, real in zip(ours, reals)), *flat[len(ours) :]], spec)
 
         return fn
 
@@ -755,9 +858,10 @@ class ParamGradStats:
     holds the samples (if any) is fixed on the first batch with a probe pass on two samples:
     the axis whose length follows the number of samples, so that sequence-first models
     (``batch_first=False``) keep the fast path, and a shared argument as long as the batch
-    (a causal mask) is not taken for a per-sample one. Such a module that is an ``nn.MultiheadAttention`` holding only its own
-    projections is not replayed but gives its projections' statistics from a recomputation in
-    the pass (:func:`_record_attention`) that matches its values. Parameters
+    (a causal mask) is not taken for a per-sample one. Such a module that is an
+    ``nn.MultiheadAttention``, ``nn.GRU`` or ``nn.LSTM`` holding only its own weights is not
+    replayed but gives its products' statistics from a recomputation in the pass
+    (:func:`_record_closed_forms`) that matches its values. Parameters
     that no such module holds (one used directly by the model's own ``forward``, or tied
     between modules) take ``torch.func`` on the whole model.
 
@@ -786,19 +890,20 @@ class ParamGradStats:
         self.loop_fallback = False  # torch.func failed on this model: one sample at a time
         self.forward_batch = forward_batch
         self.failed_modules: set[str] = set()  # modules whose own replay cannot be trusted
-        self.uncaptured: set[str] = set()  # attentions whose projections' closed form disagreed
+        self.uncaptured: set[str] = set()  # modules whose closed form disagreed
         self.sample_axes: dict[str, int] = {}  # each covered layer's sample axis, fixed on the first batch
         self.per_module = True  # False: every uncovered parameter on the whole model (for comparison)
         self._plan(exclude=[])
         if not self.covered and not self.other:
             raise ValueError("the model has no trainable parameters")
-        if self.other:
-            warnings.warn(
-                "params='all': no fast per-sample gradient for "
-                + ", ".join(sorted({self._owner(n) for n in self.other}))
-                + "; using the slower torch.func path for those parameters",
-                stacklevel=3,
-            )
+        slow = sorted({self._owner(n) for n in self.other if not self._in_closed_form(n)})
+        if slow:
+            warnings.warn(f"params='all': no fast per-sample gradient for {', '.join(slow)}; using the slower torch.func path for those parameters", stacklevel=3)
+
+    def _in_closed_form(self, param_name: str) -> bool:
+        """Whether a module holding the parameter has a closed form (:func:`_closed_form`)."""
+        path = param_name.split(".")[:-1]
+        return any(_closed_form(self.model.get_submodule(".".join(path[:k]))) is not None for k in range(1, len(path) + 1))
 
     def _plan(self, exclude: list[str]) -> None:
         """Split the parameters between the fast path and the general one (the modules that
@@ -911,7 +1016,7 @@ class ParamGradStats:
                 units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, out_axes=out_axes, tree=call.tree, checked=False, loop=False, capture=False)
             units[mname].params[name[len(mname) + 1 :]] = name
         for unit in units.values():  # an attention holding just its own parameters: its projections' closed form
-            unit.capture = _attention_ready(unit.module) and set(unit.params) == {n for n, _ in unit.module.named_parameters()} and unit.name not in self.uncaptured
+            unit.capture = _closed_form(unit.module) is not None and set(unit.params) == {n for n, _ in unit.module.named_parameters()} and unit.name not in self.uncaptured
         self.units = list(units.values())
 
     def _unit_problem(self, unit: SimpleNamespace, calls: list[SimpleNamespace], n: int) -> str | None:
@@ -965,10 +1070,10 @@ class ParamGradStats:
             torch.enable_grad(),
             _record_layers(modules, clone) as records,
             _record_calls([self.model.get_submodule(m) for m in watched], clone) as calls,
-            _record_attention([self.model.get_submodule(m) for m in capture]) as attention,
+            _record_closed_forms([self.model.get_submodule(m) for m in capture]) as closed,
         ):
             logits = self.model(x)
-        return logits, records, dict(zip(watched, calls)), dict(zip(capture, attention))
+        return logits, records, dict(zip(watched, calls)), dict(zip(capture, closed))
 
     def _owner(self, param_name: str) -> str:
         return self._label(param_name.rpartition(".")[0])
@@ -1011,9 +1116,9 @@ class ParamGradStats:
             return norm, cross
         modules = [m for _, m in self.covered]
         choosing = self.units is None  # watch every candidate module on this pass
-        # an attention taking its projections' closed form is recorded by _record_attention alone
+        # a module taking its closed form is recorded by _record_closed_forms alone
         watched = sorted({m for chain in self._candidates().values() for m in chain}) if choosing else [u.name for u in self.units if not u.capture]
-        logits, records, calls, attention = self._forward(x, modules, watched, clone=self.clone_outputs)
+        logits, records, calls, closed = self._forward(x, modules, watched, clone=self.clone_outputs)
         if choosing:  # the sample axes of the layers and of the candidate modules' arguments and outputs
             m, probed_layers, probed_calls = self._probe(x, modules, watched)
             unread = self._choose_axes(records, probed_layers, n, m)
@@ -1047,13 +1152,19 @@ class ParamGradStats:
         if not self.clone_outputs and (rewritten or any(rec[1]._version != rec[2] for rec in records)):
             self.clone_outputs = True  # an in-place op rewrote a recorded tensor: redo with copies
             watched = [u.name for u in self.units if not u.capture]
-            logits, records, calls, attention = self._forward(x, modules, watched, clone=True)
-        unsure = [u for u in self.units if u.capture and (len(attention[u.name]) != 1 or attention[u.name][0] is None)]
+            logits, records, calls, closed = self._forward(x, modules, watched, clone=True)
+        unsure = [u for u in self.units if u.capture and (len(closed[u.name]) != 1 or closed[u.name][0] is None)]
         if unsure:  # unbatched, or recomputed values that differ: replayed instead, checked anew
             for u in unsure:
                 u.capture, u.checked = False, False
+                if len(closed[u.name]) == 1:  # (a module that runs twice is named by the replay)
+                    warnings.warn(
+                        f"params='all': module {self._label(u.name)} is called in a way its closed form does not read (a packed sequence, "
+                        "an input without a batch axis, or values its recomputation does not reproduce); replaying its call instead",
+                        stacklevel=4,
+                    )
             return self._batch(x, pseudo_label)
-        unit_calls = [attention[u.name][0] if u.capture else calls[u.name][0] for u in self.units]
+        unit_calls = [closed[u.name][0] if u.capture else calls[u.name][0] for u in self.units]
         p = F.softmax(logits.detach().double(), dim=1)
         if pseudo_label == "argmax":
             labels, label_weights = [p.argmax(1)], [torch.ones(n, dtype=torch.float64)]
@@ -1063,7 +1174,7 @@ class ParamGradStats:
         # a layer output that the logits do not depend on with a gradient (computed under
         # no_grad, detached, or not used) gives that layer a zero per-sample gradient
         targets = [rec[1] for rec in records] + [t for call in unit_calls for t in call.outputs]
-        alive = [rec[1].requires_grad for rec in records] + [g for u, call in zip(self.units, unit_calls) for g in ([True] * 4 if u.capture else call.grads)]
+        alive = [rec[1].requires_grad for rec in records] + [g for u, call in zip(self.units, unit_calls) for g in ([True] * len(call.outputs) if u.capture else call.grads)]
         live = [i for i, g in enumerate(alive) if g] if logits.requires_grad else []
         whole = self._whole_model_params()
         for j, (lab, w) in enumerate(zip(labels, label_weights)):
@@ -1097,8 +1208,8 @@ class ParamGradStats:
             start = len(records)
             for unit, call in zip(self.units, unit_calls):
                 if unit.capture:
-                    replayed.append(self._attention_stats(unit, call, deltas[start : start + 4], n))
-                    start += 4
+                    replayed.append(self._captured_stats(unit, call, deltas[start : start + len(call.outputs)], n))
+                    start += len(call.outputs)
                     norm += w * replayed[-1][0]
                     cross += w * replayed[-1][1]
                     continue
@@ -1124,10 +1235,10 @@ class ParamGradStats:
                     layers_wrong = [name for name, _ in self.covered if ("layer", name) in wrong]
                     units_wrong = [u.name for u in self.units if ("module", u.name) in wrong]
                     captured = [u for u in self.units if u.capture and u.name in units_wrong]
-                    if captured:  # the projections' closed form disagrees: replay those calls, and
-                        # check every layer again, whose gradients came through the recomputation
+                    if captured:  # the closed form disagrees: replay those calls, and check every
+                        # layer again, whose gradients came through the recomputation
                         for u in captured:
-                            warnings.warn(f"params='all': attention {self._label(u.name)} has per-sample gradients other than its projections give; replaying its call instead", stacklevel=4)
+                            warnings.warn(f"params='all': module {self._label(u.name)} has per-sample gradients other than its closed form gives; replaying its call instead", stacklevel=4)
                             u.capture = False
                             self.uncaptured.add(u.name)
                         self.checked = False
@@ -1233,26 +1344,24 @@ class ParamGradStats:
         rows = _single_sample_grads(self.model, x, r, [params[n] for n in names])
         return {n: torch.stack([row[k] for row in rows]) for k, n in enumerate(names)}
 
-    def _attention_stats(self, unit: SimpleNamespace, call: SimpleNamespace, douts: list[torch.Tensor | None], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """An attention's statistics from its four projections (see :func:`_record_attention`),
-        each a ``Linear`` on a sequence; the packed input projection's ``G`` split as its weight."""
-        G = None
-        if self.G is not None:
-            full = {rel: self.G[name] for rel, name in unit.params.items()}
-            size = unit.module.embed_dim
-            G = [{"weight": full["in_proj_weight"][k * size : (k + 1) * size], "bias": full.get("in_proj_bias", torch.zeros(3 * size))[k * size : (k + 1) * size]} for k in range(3)]
-            G.append({"weight": full["out_proj.weight"], "bias": full.get("out_proj.bias")})
+    def _captured_stats(self, unit: SimpleNamespace, call: SimpleNamespace, douts: list[torch.Tensor | None], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A module's statistics from the products of its closed form (see
+        :func:`_record_closed_forms`), each a ``Linear`` on a sequence whose ``G`` is the rows of
+        the parameters it reads; in at least float32, which float16 squares can overflow."""
         norm = torch.zeros(n, dtype=torch.float64)
         cross = torch.zeros(n, dtype=torch.float64)
         with torch.no_grad():
-            for k, (layer, a, d) in enumerate(zip(call.layers, call.inputs, douts)):
-                if d is not None:  # in at least float32, which float16 squares can overflow
-                    wide = torch.promote_types(d.dtype, torch.float32)
-                    part = {name: v.to(wide) for name, v in G[k].items() if v is not None} if G is not None else None
-                    n_k, c_k = _linear_stats(layer, a.to(wide), d.to(wide), part)
-                    norm += n_k.double()
-                    if c_k is not None:
-                        cross += c_k.double()
+            for piece, a, d in zip(call.pieces, call.inputs, douts):
+                if d is None:
+                    continue
+                wide = torch.promote_types(d.dtype, torch.float32)
+                part = None
+                if self.G is not None:
+                    part = {key: self.G[unit.params[name]][piece.rows].to(wide) for key, name in zip(("weight", "bias"), piece.names) if name is not None}
+                n_k, c_k = _linear_stats(piece, a.to(wide), d.to(wide), part)
+                norm += n_k.double()
+                if c_k is not None:
+                    cross += c_k.double()
         return norm, cross
 
     def _unit_stats(self, unit: SimpleNamespace, call: SimpleNamespace, douts: list[torch.Tensor | None], n: int) -> tuple[torch.Tensor, torch.Tensor]:
