@@ -1,24 +1,26 @@
 """Cost of dynamicAL params="all" on models beyond the engine table (benchmarks/engine_speed.py):
 sequence, text, tabular, depthwise-separable and 3-D convolutional models, whose Embedding,
 EmbeddingBag, LayerNorm, GroupNorm, Conv1d, BatchNorm1d, grouped (depthwise) Conv2d and Conv3d
-layers have dynal's per-layer fast path, and three models with layers outside it: transformers
+layers have dynal's per-layer fast path, and four models with layers outside it: transformers
 built from nn.TransformerEncoderLayer (nn.MultiheadAttention), with the samples first and, as
-torch's default, second (batch_first=False), and a ResNet-18 with a user-defined layer (a
-learned per-channel scale after each block).
+torch's default, second (batch_first=False), a bidirectional LSTM text classifier, and a
+ResNet-18 with a user-defined layer (a learned per-channel scale after each block).
 
 For each model, on the same random pool (CPU):
   (a) inference     forward pass over the pool (no_grad, eval mode), in batches of 16 to 256
                     samples: the fastest batch size is reported
   (c) all           dynal's ParamGradStats (every layer of the first six models on the fast path;
-                    in the last three, the layers outside it take torch.func on their own module)
+                    in the last four, attention and the LSTM take their closed form, the user
+                    layer torch.func on its own module)
   (g) general       the first six models: the layers named above on dynal's general path
                     (torch.func's vmap over grad for their parameters, on the whole model), as
                     before they had a fast path; for the first three models also passes split
                     only to bound convolutions' per-sample gradients, not by layer output size,
-                    as before that split existed. The last three: the layers outside the fast
+                    as before that split existed. The last four: the layers outside the fast
                     path on the whole model, as before they replayed their own module; for the
                     sequence-first transformer also every layer but the head, as before layers
-                    with the samples on another axis than the first kept the fast path
+                    with the samples on another axis than the first kept the fast path; the
+                    LSTM replays its own module, as before it had a closed form
   (d) vmap          per-sample gradients of all parameters materialized with torch.func
 (c) and (g) run in the library's default chunks of 1,024 (which ParamGradStats splits into
 passes whose largest layer output is near 8 MB); (c), (g) and (d) are checked to give the same
@@ -163,6 +165,19 @@ class AttentionTransformer(nn.Module):
         return self.head(self.norm(self.encoder(self.embed(x.long().T) + self.position[:, None])).mean(0))
 
 
+class RecurrentText(nn.Module):
+    """Token ids -> embeddings -> bidirectional ``nn.LSTM`` -> mean over the positions."""
+
+    def __init__(self, vocab: int, dim: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.rnn = nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(x.long()))[0].mean(1))
+
+
 class ChannelScale(nn.Module):
     """A user-defined layer: a learned scale per channel (as LayerScale), a raw parameter."""
 
@@ -194,7 +209,8 @@ def _new(m: nn.Module) -> bool:
 # (g) runs whole chunks (dynal before its passes were split by layer output size), and what (g)
 # takes on the whole model: "new" layers (before they had a fast path), the parameters outside
 # the fast path ("replayed", before they replayed their module), or those and every layer but
-# the head ("sequence-first", before layers with the samples on a later axis had the fast path)
+# the head ("sequence-first", before layers with the samples on a later axis had the fast path),
+# or the modules with a closed form replaying their call ("closed form", before they had one)
 TOKENS = lambda n, rng: np.where(np.arange(64) < 50, rng.integers(1, 30_000, (n, 64)), 0).astype(np.float32)  # noqa: E731
 CASES = [
     ("transformer, vocabulary 30,000, 64 tokens", lambda: TextTransformer(30_000, 64), TOKENS, 512, 64, True, "new"),
@@ -205,6 +221,7 @@ CASES = [
     ("3-D CNN, 1 x 16 x 32 x 32 volumes", volume_cnn, lambda n, rng: rng.normal(size=(n, 1, 16, 32, 32)).astype(np.float32), 256, 32, False, "new"),
     ("nn.TransformerEncoder (nn.MultiheadAttention), vocabulary 30,000, 64 tokens", lambda: AttentionTransformer(30_000, 64), TOKENS, 512, 64, False, "replayed"),
     ("nn.TransformerEncoder, sequence-first (batch_first=False), vocabulary 30,000, 64 tokens", lambda: AttentionTransformer(30_000, 64, batch_first=False), TOKENS, 512, 64, False, "sequence-first"),
+    ("bidirectional LSTM (nn.LSTM), vocabulary 30,000, 64 tokens", lambda: RecurrentText(30_000), TOKENS, 512, 64, False, "closed form"),
     ("ResNet-18 w0.5 + a user-defined scale layer, 3 x 32 x 32", scaled_resnet, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 256, 32, False, "replayed"),
 ]
 PATHS = ("inference", "all", "general", "vmap")
@@ -231,6 +248,9 @@ def _setup(case: int, threads: int) -> dict:
             general._plan(exclude=[name for name, m in model.named_modules() if _new(m)])
         elif before == "sequence-first":
             general._plan(exclude=[name for name, _ in general.covered if name != "head"])
+        elif before == "closed form":
+            fast(torch.from_numpy(X[:2]))  # the modules that take their closed form
+            general.uncaptured.update(u.name for u in fast.units if u.capture)
         if whole_chunks:
             general.forward_batch = CHUNK  # passes split only for convolutions, as before
 
