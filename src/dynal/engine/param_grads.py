@@ -433,7 +433,7 @@ def _rnn_closed_form(m: nn.GRU | nn.LSTM, args: tuple, kwargs: dict, output) -> 
             ih = _piece(m, "weight_ih" + suffix, "bias_ih" + suffix if m.bias else None)
             hh = _piece(m, "weight_hh" + suffix, "bias_hh" + suffix if m.bias else None)
             gates_in = F.linear(layer_input, ih.weight, ih.bias)
-            zero = torch.zeros(n, steps, hh.weight.shape[0], dtype=gates_in.dtype, requires_grad=True)
+            zero = torch.zeros(n, steps, hh.weight.shape[0], dtype=gates_in.dtype, device=gates_in.device, requires_grad=True)
             # one unbind each, whose backward stacks the steps' gradients (a slice per step
             # would fill a whole-sequence gradient per step)
             step_in, step_zero = gates_in.unbind(1), zero.unbind(1)
@@ -897,6 +897,7 @@ class ParamGradStats:
         if not self.covered and not self.other:
             raise ValueError("the model has no trainable parameters")
         slow = sorted({self._owner(n) for n in self.other if not self._in_closed_form(n)})
+        self.warned = set(slow)  # layers named as taking the slower path
         if slow:
             warnings.warn(f"params='all': no fast per-sample gradient for {', '.join(slow)}; using the slower torch.func path for those parameters", stacklevel=3)
 
@@ -1016,7 +1017,21 @@ class ParamGradStats:
                 units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, out_axes=out_axes, tree=call.tree, checked=False, loop=False, capture=False)
             units[mname].params[name[len(mname) + 1 :]] = name
         for unit in units.values():  # an attention holding just its own parameters: its projections' closed form
-            unit.capture = _closed_form(unit.module) is not None and set(unit.params) == {n for n, _ in unit.module.named_parameters()} and unit.name not in self.uncaptured
+            # holding all its parameters, with the samples on its batch axis as the recomputation reads them
+            unit.capture = (
+                _closed_form(unit.module) is not None
+                and set(unit.params) == {n for n, _ in unit.module.named_parameters()}
+                and unit.out_axes[0] == (0 if unit.module.batch_first else 1)
+                and unit.name not in self.uncaptured
+            )
+        missed = sorted({self._owner(n) for n in self.other if self._in_closed_form(n)} - {self._owner(n) for u in units.values() if u.capture for n in u.params.values()} - self.warned)
+        if missed:  # the constructor took these for closed forms
+            self.warned.update(missed)
+            warnings.warn(
+                f"params='all': no closed form for {', '.join(missed)} as the model calls it (more than once per pass, on a packed sequence or "
+                "without a sample axis, or with some of its parameters frozen); using the slower torch.func path for those parameters",
+                stacklevel=5,
+            )
         self.units = list(units.values())
 
     def _unit_problem(self, unit: SimpleNamespace, calls: list[SimpleNamespace], n: int) -> str | None:
@@ -1153,14 +1168,15 @@ class ParamGradStats:
             self.clone_outputs = True  # an in-place op rewrote a recorded tensor: redo with copies
             watched = [u.name for u in self.units if not u.capture]
             logits, records, calls, closed = self._forward(x, modules, watched, clone=True)
-        unsure = [u for u in self.units if u.capture and (len(closed[u.name]) != 1 or closed[u.name][0] is None)]
-        if unsure:  # unbatched, or recomputed values that differ: replayed instead, checked anew
+        unsure = [u for u in self.units if u.capture and (len(closed[u.name]) != 1 or closed[u.name][0] is None or any(len(a) != n for a in closed[u.name][0].inputs))]
+        if unsure:  # unbatched, or recomputed values that differ: replayed from now on, checked anew
             for u in unsure:
                 u.capture, u.checked = False, False
+                self.uncaptured.add(u.name)
                 if len(closed[u.name]) == 1:  # (a module that runs twice is named by the replay)
                     warnings.warn(
                         f"params='all': module {self._label(u.name)} is called in a way its closed form does not read (a packed sequence, "
-                        "an input without a batch axis, or values its recomputation does not reproduce); replaying its call instead",
+                        "an input without a batch axis or without gradient, or values its recomputation does not reproduce); replaying its call instead",
                         stacklevel=4,
                     )
             return self._batch(x, pseudo_label)
