@@ -1341,6 +1341,20 @@ def test_sequence_first_attention_takes_its_closed_form_on_the_sample_axis(n_poo
     assert "module" not in message and "has per-sample gradients other than" not in message
 
 
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+def test_sample_axes_the_two_sample_probe_cannot_tell_are_probed_on_the_whole_batch():
+    # sequences trimmed to the batch's longest: 5 positions for 5 samples, and 2 positions for
+    # the two-sample probe, whose samples are short; a probe on the batch and its first sample
+    # again keeps the 5 positions
+    torch.manual_seed(36)
+    model = Causal(batch_first=False).eval()
+    X_lab, y_lab, X_pool = torch.randn(6, 5, 3), torch.randint(0, 3, (6,)), torch.randn(5, 5, 3)
+    X_pool[:2, 2:, 0] = -10.0
+    stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
+    assert "has per-sample gradients other than" not in message and [u.capture for u in stats.units] == [True]
+    assert dict(zip([name for name, _ in stats.covered], stats.layer_axes))["enc.layers.0.linear1"] == 1
+
+
 class SequenceFirst(nn.Module):
     """Token ids (N, T) read position-major: an embedding, LayerNorm and Linear on (T, N, ...)
     and a user-defined shift there, pooled over the positions."""

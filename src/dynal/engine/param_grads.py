@@ -311,6 +311,28 @@ def _sample_axes(t: object, u: object, n: int, m: int) -> list[int]:
     return [k for k in range(t.dim()) if t.shape[k] == n and u.shape[k] == m]
 
 
+def _layer_sample_axes(rec: list, seen: list, n: int, m: int) -> list[int]:
+    """The axes of a covered layer's input and output, as :func:`_record_layers` recorded them on
+    a batch of ``n`` samples (``rec``) and on a probe of ``m`` (``seen``), that follow the number of
+    samples; none unless it ran once on each with its input alone."""
+    if len(rec) != 3 or len(seen) != 3 or rec[0] is None or seen[0] is None:
+        return []
+    outputs = _sample_axes(rec[1], seen[1], n, m)
+    return [k for k in _sample_axes(rec[0], seen[0], n, m) if k in outputs]
+
+
+def _call_sample_axes(calls: list[SimpleNamespace], seen: list[SimpleNamespace], n: int, m: int) -> list[list[int]] | None:
+    """Per argument, then per output, of a module's one recorded call, the axes that follow the
+    number of samples (see :func:`_layer_sample_axes`); ``None`` unless it ran once on each, the
+    same way, without changing its arguments in place."""
+    if len(calls) != 1 or len(seen) != 1 or calls[0].changed_input or seen[0].changed_input:
+        return None
+    call, probe = calls[0], seen[0]
+    if len(probe.leaves) != len(call.leaves) or len(probe.outputs) != len(call.outputs):
+        return None
+    return [_sample_axes(t, u, n, m) for t, u in (*zip(call.leaves, probe.leaves), *zip(call.outputs, probe.outputs))]
+
+
 def _axis_name(axis: int) -> str:
     return "first axis" if axis == 0 else f"axis {axis}"
 
@@ -937,23 +959,34 @@ class ParamGradStats:
                 chains[name] = chain
         return chains
 
-    def _probe(self, x: torch.Tensor, modules: list[nn.Module], watched: list[str]) -> tuple[int, list[list], dict[str, list[SimpleNamespace]]]:
-        """A pass on two samples (one if the batch ``x`` has two; its sample twice if it has one)
-        recording the covered layers and the ``watched`` modules, so that the axes whose length
-        follows the number of samples show: the probe's size of samples, the layers' records and
-        the modules' calls (empty where the model cannot run the probe)."""
+    def _probe(self, x: torch.Tensor, modules: list[nn.Module], watched: list[str], whole: bool = False) -> tuple[int, list[list], dict[str, list[SimpleNamespace]]]:
+        """A pass on two samples (one if the batch ``x`` has two; its sample twice if it has one),
+        or with ``whole`` on the batch and its first sample again (which leaves lengths taken
+        from the batch's longest sample as they were), recording the covered layers and the
+        ``watched`` modules, so that the axes whose length follows the number of samples show:
+        the probe's size of samples, the layers' records and the modules' calls (empty where the
+        model cannot run the probe)."""
         n = len(x)
-        m = 1 if n == 2 else 2
+        m = n + 1 if whole else 1 if n == 2 else 2
         try:
             with (
                 torch.enable_grad(),
                 _record_layers(modules, clone=False) as records,
                 _record_calls([self.model.get_submodule(name) for name in watched], clone=False) as calls,
             ):
-                self.model(x[:m] if n > 1 else torch.cat([x, x]))
+                self.model(torch.cat([x, x[:1]]) if whole or n == 1 else x[:m])
         except Exception:  # noqa: BLE001 - a model that cannot run the probe: layers on their first axis, no module replays
             return m, [[] for _ in modules], {}
         return m, records, dict(zip(watched, calls))
+
+    def _ambiguous(self, records: list[list], probed: list[list], calls: dict[str, list[SimpleNamespace]], probe: dict[str, list[SimpleNamespace]], n: int, m: int) -> bool:
+        """Whether a layer or a candidate module has several axes that follow the number of
+        samples in the probe (a length taken from the batch's longest sample that happens to
+        equal the batch's size here and the probe's there), so that a probe on the whole batch
+        must tell them apart."""
+        layers = any(len(_layer_sample_axes(rec, seen, n, m)) > 1 for rec, seen in zip(records, probed))
+        found = [_call_sample_axes(calls[name], probe.get(name, []), n, m) for name in calls]
+        return layers or any(len(a) > 1 for axes in found if axes is not None for a in axes)
 
     def _choose_axes(self, records: list[list], probed: list[list], n: int, m: int) -> dict[str, str]:
         """Fix the sample axis of each covered layer that has none yet (all of them on the first
@@ -965,11 +998,8 @@ class ParamGradStats:
         for (name, module), rec, seen in zip(self.covered, records, probed):
             if name in self.sample_axes:
                 continue
-            axis = 0
-            if len(rec) == 3 and len(seen) == 3 and rec[0] is not None and seen[0] is not None:
-                outputs = _sample_axes(rec[1], seen[1], n, m)
-                common = [k for k in _sample_axes(rec[0], seen[0], n, m) if k in outputs]
-                axis = common[0] if len(common) == 1 else 0
+            common = _layer_sample_axes(rec, seen, n, m)
+            axis = common[0] if len(common) == 1 else 0
             features = _feature_axes(module)
             if axis and (features is None or axis >= rec[0].dim() - features):
                 unread[name] = f"has the samples on axis {axis} of its input, where its statistics cannot read them"
@@ -986,23 +1016,15 @@ class ParamGradStats:
         not taken for a per-sample one, nor a sequence axis as long as the batch for the samples'."""
         n = len(x)
 
-        def axes(pairs: Iterator[tuple[object, object]]) -> list[int | None] | None:
-            """Per tensor its sample axis (``None``: shared); ``None`` if one has several."""
-            found = [_sample_axes(t, u, n, m) for t, u in pairs]
-            return None if any(len(a) > 1 for a in found) else [a[0] if a else None for a in found]
-
         def layout(mname: str) -> tuple[list[int | None], list[int | None]] | None:
-            """The arguments' and the outputs' sample axes, if the module qualifies."""
-            call, seen = calls[mname], probe.get(mname, [])
-            if len(call) != 1 or len(seen) != 1 or call[0].changed_input or seen[0].changed_input:
+            """The arguments' and the outputs' sample axes (``None``: shared), if the module
+            qualifies: one axis at most per tensor, one on some output."""
+            found = _call_sample_axes(calls[mname], probe.get(mname, []), n, m)
+            if found is None or any(len(a) > 1 for a in found):
                 return None
-            call, seen = call[0], seen[0]
-            if len(seen.leaves) != len(call.leaves) or len(seen.outputs) != len(call.outputs):
-                return None
-            dims, out_axes = axes(zip(call.leaves, seen.leaves)), axes(zip(call.outputs, seen.outputs))
-            if dims is None or out_axes is None or all(a is None for a in out_axes):
-                return None
-            return dims, out_axes
+            axes = [a[0] if a else None for a in found]
+            dims, out_axes = axes[: len(calls[mname][0].leaves)], axes[len(calls[mname][0].leaves) :]
+            return (dims, out_axes) if any(a is not None for a in out_axes) else None
 
         layouts = {mname: layout(mname) for mname in calls}
         units: dict[str, SimpleNamespace] = {}
@@ -1136,6 +1158,8 @@ class ParamGradStats:
         logits, records, calls, closed = self._forward(x, modules, watched, clone=self.clone_outputs)
         if choosing:  # the sample axes of the layers and of the candidate modules' arguments and outputs
             m, probed_layers, probed_calls = self._probe(x, modules, watched)
+            if self._ambiguous(records, probed_layers, calls, probed_calls, n, m):
+                m, probed_layers, probed_calls = self._probe(x, modules, watched, whole=True)
             unread = self._choose_axes(records, probed_layers, n, m)
             if unread:
                 self._demote(unread)
