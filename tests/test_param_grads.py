@@ -2,6 +2,7 @@
 
 import random
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -509,7 +510,8 @@ class Recurrent(nn.Module):
     def __init__(self, cell: str, kind: str, batch_first: bool = True, **options):
         super().__init__()
         self.kind, self.batch_first, self.lstm = kind, batch_first, cell == "LSTM"
-        self.rnn = (nn.LSTM if self.lstm else nn.GRU)(4, 5, batch_first=batch_first, **options)
+        layer = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN, "ReLU RNN": partial(nn.RNN, nonlinearity="relu")}[cell]
+        self.rnn = layer(4, 5, batch_first=batch_first, **options)
         width = 5 * (2 if self.rnn.bidirectional else 1)
         self.head = nn.Linear(width, 3)
         if kind == "initial state":
@@ -533,7 +535,7 @@ class Recurrent(nn.Module):
         return self.head(last if self.kind == "output" else final if self.kind == "state" else last + final)
 
 
-@pytest.mark.parametrize("cell", ["GRU", "LSTM"])
+@pytest.mark.parametrize("cell", ["GRU", "LSTM", "RNN", "ReLU RNN"])
 @pytest.mark.parametrize(
     ("kind", "batch_first", "options"),
     [

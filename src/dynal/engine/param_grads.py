@@ -30,8 +30,8 @@ numbers above and discarded, so memory is one layer of one sub-chunk at a time:
 - ``nn.PReLU``: ``g = sum delta * min(a, 0)`` over each channel's positions.
 
 - ``nn.MultiheadAttention``: its four projections as ``nn.Linear`` on a sequence, their inputs
-  and output gradients exposed by recomputing the attention in the pass; ``nn.GRU`` and
-  ``nn.LSTM`` alike, each layer's input projection a ``Linear`` on the sequence and its hidden
+  and output gradients exposed by recomputing the attention in the pass; ``nn.RNN``, ``nn.GRU``
+  and ``nn.LSTM`` alike, each layer's input projection a ``Linear`` on the sequence and its hidden
   projection one on the steps' previous states (see :func:`_record_closed_forms`).
 
 Parameters of any other layer fall back to ``torch.func`` (``vmap`` over ``grad``), with a
@@ -427,9 +427,9 @@ def _attention_closed_form(m: nn.MultiheadAttention, args: tuple, kwargs: dict, 
     return SimpleNamespace(pieces=pieces, inputs=[t.detach() for t in (*inputs, mixed)], outputs=[*projected, out]), ours
 
 
-def _rnn_closed_form(m: nn.GRU | nn.LSTM, args: tuple, kwargs: dict, output) -> tuple[SimpleNamespace, list[torch.Tensor]] | None:
-    """A GRU or LSTM recomputed step by step, each layer and direction's input projection one
-    product over the whole sequence and its hidden projection one product per step, plus a zero
+def _rnn_closed_form(m: nn.RNN | nn.GRU | nn.LSTM, args: tuple, kwargs: dict, output) -> tuple[SimpleNamespace, list[torch.Tensor]] | None:
+    """An RNN, GRU or LSTM recomputed step by step, each layer and direction's input projection
+    one product over the whole sequence and its hidden projection one product per step, plus a zero
     tensor of the steps' shape (``F.linear(h, W_hh, b_hh) + Z[:, t]``) so that one gradient
     (``Z``'s) holds every step's; inputs in (samples, steps, features) layout. Returns the
     products' record and the recomputed output and final states, or ``None`` (a packed or
@@ -468,6 +468,8 @@ def _rnn_closed_form(m: nn.GRU | nn.LSTM, args: tuple, kwargs: dict, output) -> 
                     i, f, g, o = (step_in[t] + gates_h).chunk(4, 1)
                     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                     h = torch.sigmoid(o) * torch.tanh(c)
+                elif type(m) is nn.RNN:
+                    h = (torch.tanh if m.nonlinearity == "tanh" else torch.relu)(step_in[t] + gates_h)
                 else:
                     i_r, i_z, i_n = step_in[t].chunk(3, 1)
                     h_r, h_z, h_n = gates_h.chunk(3, 1)
@@ -487,9 +489,9 @@ def _rnn_closed_form(m: nn.GRU | nn.LSTM, args: tuple, kwargs: dict, output) -> 
 
 
 def _rnn_ready(m: nn.Module) -> bool:
-    """An ``nn.GRU`` or ``nn.LSTM`` (not a subclass; no LSTM projection) whose parameters are
-    only its own weights, as :func:`_rnn_closed_form` reads them."""
-    if type(m) not in (nn.GRU, nn.LSTM) or getattr(m, "proj_size", 0) or parametrize.is_parametrized(m):
+    """An ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` (not a subclass; no LSTM projection) whose
+    parameters are only its own weights, as :func:`_rnn_closed_form` reads them."""
+    if type(m) not in (nn.RNN, nn.GRU, nn.LSTM) or getattr(m, "proj_size", 0) or parametrize.is_parametrized(m):
         return False
     return {n for n, _ in m.named_parameters()} == set(m._flat_weights_names)
 
@@ -881,11 +883,11 @@ class ParamGradStats:
     the axis whose length follows the number of samples, so that sequence-first models
     (``batch_first=False``) keep the fast path, and a shared argument as long as the batch
     (a causal mask) is not taken for a per-sample one. Such a module that is an
-    ``nn.MultiheadAttention``, ``nn.GRU`` or ``nn.LSTM`` holding only its own weights is not
-    replayed but gives its products' statistics from a recomputation in the pass
-    (:func:`_record_closed_forms`) that matches its values. Parameters
-    that no such module holds (one used directly by the model's own ``forward``, or tied
-    between modules) take ``torch.func`` on the whole model.
+    ``nn.MultiheadAttention``, ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` holding only its own
+    weights is not replayed but gives its products' statistics from a recomputation in the pass
+    (:func:`_record_closed_forms`) that matches its values. Parameters that no such module holds
+    (one used directly by the model's own ``forward``, or tied between modules) take
+    ``torch.func`` on the whole model.
 
     The first batch with a nonzero gradient checks the fast path against the slow one: for its
     two samples with the largest ``||r||``, each covered layer's and each module's two statistics
