@@ -407,7 +407,7 @@ def _attention_closed_form(m: nn.MultiheadAttention, args: tuple, kwargs: dict, 
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
     given = {**dict(zip(names, args)), **kwargs}
     query, key, value = given["query"], given["key"], given["value"]
-    if query.dim() != 3 or not isinstance(output, tuple):
+    if query.dim() != 3:
         return None
     need_weights = bool(given.get("need_weights", True))
     size = m.embed_dim
@@ -436,7 +436,7 @@ def _rnn_closed_form(m: nn.RNN | nn.GRU | nn.LSTM, args: tuple, kwargs: dict, ou
     unbatched input)."""
     given = {**dict(zip(("input", "hx"), args)), **kwargs}
     x, hx = given["input"], given.get("hx")
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not isinstance(output, tuple):
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
         return None
     lstm = isinstance(m, nn.LSTM)
     x = x if m.batch_first else x.transpose(0, 1)
@@ -936,7 +936,6 @@ class ParamGradStats:
         self.excluded = exclude
         self.covered, self.other = split_parameters(self.model, exclude)
         self.units: list[SimpleNamespace] | None = None
-        self.layer_axes: list[int] | None = None  # the covered layers' sample axes, in their order
         G = self.G
         self.G_layers = None
         if G is not None:
@@ -1006,8 +1005,12 @@ class ParamGradStats:
             if axis and (features is None or axis >= rec[0].dim() - features):
                 unread[name] = f"has the samples on axis {axis} of its input, where its statistics cannot read them"
             self.sample_axes[name] = axis
-        self.layer_axes = [self.sample_axes[name] for name, _ in self.covered]
         return unread
+
+    @property
+    def layer_axes(self) -> list[int]:
+        """The covered layers' sample axes, in their order (once :meth:`_choose_axes` fixed them)."""
+        return [self.sample_axes[name] for name, _ in self.covered]
 
     def _choose_units(self, x: torch.Tensor, calls: dict[str, list[SimpleNamespace]], probe: dict[str, list[SimpleNamespace]], m: int) -> None:
         """Give each candidate parameter to the innermost of its modules that ran once on the
@@ -1040,8 +1043,8 @@ class ParamGradStats:
                 shapes = [t.shape if isinstance(t, torch.Tensor) else None for t in call.leaves]
                 units[mname] = SimpleNamespace(name=mname, module=self.model.get_submodule(mname), params={}, dims=dims, shapes=shapes, out_axes=out_axes, tree=call.tree, checked=False, loop=False, capture=False)
             units[mname].params[name[len(mname) + 1 :]] = name
-        for unit in units.values():  # an attention holding just its own parameters: its projections' closed form
-            # holding all its parameters, with the samples on its batch axis as the recomputation reads them
+        for unit in units.values():  # a closed form for a module holding all its parameters, with
+            # the samples on its batch axis, as the recomputation reads them
             unit.capture = (
                 _closed_form(unit.module) is not None
                 and set(unit.params) == {n for n, _ in unit.module.named_parameters()}
@@ -1167,7 +1170,8 @@ class ParamGradStats:
                 self._demote(unread)
                 return self._batch(x, pseudo_label)
         odd = {}
-        for (name, _), rec, axis in zip(self.covered, records, self.layer_axes):
+        axes = self.layer_axes
+        for (name, _), rec, axis in zip(self.covered, records, axes):
             if len(rec) != 3:
                 odd[name] = f"runs {len(rec) // 3} times per forward pass"
             elif rec[0] is None:
@@ -1232,7 +1236,7 @@ class ParamGradStats:
                     self.layer_stats[i](layer, rec[0].movedim(axis, 0), d.movedim(axis, 0), self.G_layers[i] if self.G_layers is not None else None)
                     if d is not None
                     else _zero_stats(n, logits.dtype, self.G_layers is not None)
-                    for i, (layer, rec, d, axis) in enumerate(zip(modules, records, deltas, self.layer_axes))
+                    for i, (layer, rec, d, axis) in enumerate(zip(modules, records, deltas, axes))
                 ]
                 if layers:  # summed in float64, in one reduction per statistic
                     n_sum = torch.stack([n_l for n_l, _ in layers]).sum(0, dtype=torch.float64)
