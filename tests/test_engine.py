@@ -284,9 +284,10 @@ def test_labeled_statistics_must_be_finite_and_residuals_do_not_cancel():
     assert torch.equal(r[0, 1:], p[0, 1:])
 
 
-def _count_forwards(model):
+def _count_forwards(model, grad_mode=False):
+    """The samples of each pass of ``model`` (with ``grad_mode``, also whether autograd records it)."""
     calls = []
-    model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    model.register_forward_pre_hook(lambda m, args: calls.append((len(args[0]), torch.is_grad_enabled()) if grad_mode else len(args[0])))
     return calls
 
 
@@ -386,8 +387,7 @@ def test_a_scan_that_needs_no_features_measures_only_the_gradient_pass():
     from dynal.models import SmallCNN
 
     model = SmallCNN((1, 6, 6), 3, width=4, hidden=8).eval()
-    calls = []  # per pass of the body: its samples, and whether autograd recorded it
-    model.body.register_forward_pre_hook(lambda m, args: calls.append((len(args[0]), torch.is_grad_enabled())))
+    calls = _count_forwards(model.body, grad_mode=True)
     ctx = Context(model, {}, torch.Generator())
     X = np.random.default_rng(4).normal(size=(5, 1, 6, 6)).astype(np.float32)
     list(pool_chunks(model, X, np.arange(5), ["param_grad_stats"], ctx, 4))
@@ -398,7 +398,7 @@ def test_a_scan_that_needs_no_features_measures_only_the_gradient_pass():
     # with the labeled-set gradient G_S, its measurement serves the pool's passes too
     strategy, calls[:] = DynamicAL(params="all"), []
     stats = labeled_stats(model, strategy.labeled, X[:3], np.array([0, 1, 2]))
-    measured = calls.count((2, False))
+    assert calls.count((2, False)) == 1  # the labeled set's measurement
     ctx = Context(model, stats, torch.Generator(), strategy.output_options())
     list(pool_chunks(model, X, np.arange(5), strategy.outputs, ctx, 4))
-    assert calls.count((2, False)) == measured and ctx.cache["param_grad_stats"].forward_batch == stats["forward_batch"]
+    assert calls.count((2, False)) == 1 and ctx.cache["param_grad_stats"].forward_batch == stats["forward_batch"]
