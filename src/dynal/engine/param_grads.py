@@ -57,6 +57,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import CheckpointError
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dynal.engine.modes import equal_parts, eval_mode, forward_batch, removed_on_exit
@@ -319,6 +320,14 @@ def _layer_sample_axes(rec: list, seen: list, n: int, m: int) -> list[int]:
         return []
     outputs = _sample_axes(rec[1], seen[1], n, m)
     return [k for k in _sample_axes(rec[0], seen[0], n, m) if k in outputs]
+
+
+def _same_layout(rec: list, seen: list) -> bool:
+    """Whether a covered layer ran once, on its input alone, both on the batch (``rec``) and on
+    the probe (``seen``), with inputs and outputs of the same number of axes each time."""
+    if len(rec) != 3 or len(seen) != 3 or rec[0] is None or seen[0] is None:
+        return False
+    return rec[0].dim() == seen[0].dim() and rec[1].dim() == seen[1].dim()
 
 
 def _call_sample_axes(calls: list[SimpleNamespace], seen: list[SimpleNamespace], n: int, m: int) -> list[list[int]] | None:
@@ -889,13 +898,13 @@ class ParamGradStats:
     (one used directly by the model's own ``forward``, or tied between modules) take
     ``torch.func`` on the whole model.
 
-    The first batch with a nonzero gradient checks the fast path against the slow one: for its
-    two samples with the largest ``||r||``, each covered layer's and each module's two statistics
-    are compared with a one-sample autograd pass of the whole model. A layer that disagrees (its
-    weight also used outside its own forward, a hook that changes its output, a sample axis that
-    the probe could not tell) or that does not run exactly once per forward pass moves to the
-    general path, and a module that disagrees hands its parameters to the module that contains
-    it, with a warning naming it.
+    The first batch of two samples or more with a nonzero gradient checks the fast path against
+    the slow one: for its two samples with the largest ``||r||``, each covered layer's and each
+    module's two statistics are compared with a one-sample autograd pass of the whole model. A
+    layer that disagrees (its weight also used outside its own forward, a hook that changes its
+    output, a sample axis that the probe could not tell, samples moved between rows) or that
+    does not run exactly once per forward pass moves to the general path, and a module that
+    disagrees hands its parameters to the module that contains it, with a warning naming it.
 
     Parameters
     ----------
@@ -994,7 +1003,9 @@ class ParamGradStats:
         batch, which the first check then compares; later batches keep them): the one axis of
         its input and output whose length follows the number of samples (``n`` in ``records``,
         ``m`` in the probe's), else the first. Returns the layers whose statistics cannot read
-        the samples there, with why."""
+        the samples there, with why: among them a layer whose input and output have no such
+        axis though the probe ran it the same way (one input shared by every sample, such as
+        positions)."""
         unread = {}
         for (name, module), rec, seen in zip(self.covered, records, probed):
             if name in self.sample_axes:
@@ -1004,6 +1015,8 @@ class ParamGradStats:
             features = _feature_axes(module)
             if axis and (features is None or axis >= rec[0].dim() - features):
                 unread[name] = f"has the samples on axis {axis} of its input, where its statistics cannot read them"
+            elif not common and _same_layout(rec, seen):
+                unread[name] = f"gets inputs of shape {tuple(rec[0].shape)} with no axis that follows the number of samples (one input shared by every sample)"
             self.sample_axes[name] = axis
         return unread
 
@@ -1023,13 +1036,15 @@ class ParamGradStats:
 
         def layout(mname: str) -> tuple[list[int | None], list[int | None]] | None:
             """The arguments' and the outputs' sample axes (``None``: shared), if the module
-            qualifies: one axis at most per tensor, one on some output."""
+            qualifies: one axis at most per tensor, one on some argument and on some output (a
+            replay runs each sample's slice of its arguments: where none has the samples, as
+            in a packed sequence that keeps no order of them, it would run the whole batch)."""
             found = _call_sample_axes(calls[mname], probe.get(mname, []), n, m)
             if found is None or any(len(a) > 1 for a in found):
                 return None
             axes = [a[0] if a else None for a in found]
             dims, out_axes = axes[: len(calls[mname][0].leaves)], axes[len(calls[mname][0].leaves) :]
-            return (dims, out_axes) if any(a is not None for a in out_axes) else None
+            return (dims, out_axes) if any(a is not None for a in dims) and any(a is not None for a in out_axes) else None
 
         layouts = {mname: layout(mname) for mname in calls}
         units: dict[str, SimpleNamespace] = {}
@@ -1056,7 +1071,8 @@ class ParamGradStats:
             self.warned.update(missed)
             warnings.warn(
                 f"params='all': no closed form for {', '.join(missed)} as the model calls it (more than once per pass, on a packed sequence or "
-                "without a sample axis, or with some of its parameters frozen); using the slower torch.func path for those parameters",
+                "without a sample axis, with some of its parameters frozen, or with a parameter also held by another module or under another name); "
+                "using the slower torch.func path for those parameters",
                 stacklevel=5,
             )
         self.units = list(units.values())
@@ -1204,9 +1220,10 @@ class ParamGradStats:
                 u.capture, u.checked = False, False
                 self.uncaptured.add(u.name)
                 if len(closed[u.name]) == 1:  # (a module that runs twice is named by the replay)
+                    self.warned.update(self._owner(name) for name in u.params.values())
                     warnings.warn(
                         f"params='all': module {self._label(u.name)} is called in a way its closed form does not read (a packed sequence, "
-                        "an input without a batch axis or without gradient, or values its recomputation does not reproduce); replaying its call instead",
+                        "an input without a batch axis, autograd turned off around it, or values its recomputation does not reproduce); replaying its call instead",
                         stacklevel=4,
                     )
             return self._batch(x, pseudo_label)
@@ -1228,7 +1245,25 @@ class ParamGradStats:
             last = j == len(labels) - 1
             deltas: list[torch.Tensor | None] = [None] * len(targets)
             if live:
-                grads = torch.autograd.grad(logits, [targets[i] for i in live], grad_outputs=r, retain_graph=not last, allow_unused=True)
+                try:
+                    grads = torch.autograd.grad(logits, [targets[i] for i in live], grad_outputs=r, retain_graph=not last, allow_unused=True)
+                except CheckpointError:
+                    # torch.utils.checkpoint recomputes its part of the forward pass without the
+                    # closed forms' hooks, so the tensors it saves differ: the modules that took
+                    # a closed form (which of them ran inside it does not show) replay instead
+                    captured = [u for u in self.units if u.capture]
+                    if not captured:
+                        raise
+                    for u in captured:
+                        u.capture, u.checked = False, False
+                        self.uncaptured.add(u.name)
+                        self.warned.update(self._owner(name) for name in u.params.values())
+                    warnings.warn(
+                        f"params='all': the model recomputes part of its forward pass (torch.utils.checkpoint), which the closed forms of "
+                        f"{', '.join(self._label(u.name) for u in captured)} do not survive; replaying their calls instead",
+                        stacklevel=4,
+                    )
+                    return self._batch(x, pseudo_label)
                 for i, d in zip(live, grads):
                     deltas[i] = d
             with torch.no_grad():
@@ -1284,6 +1319,7 @@ class ParamGradStats:
                     if captured:  # the closed form disagrees: replay those calls, and check every
                         # layer again, whose gradients came through the recomputation
                         for u in captured:
+                            self.warned.update(self._owner(name) for name in u.params.values())
                             warnings.warn(f"params='all': module {self._label(u.name)} has per-sample gradients other than its closed form gives; replaying its call instead", stacklevel=4)
                             u.capture = False
                             self.uncaptured.add(u.name)
@@ -1310,7 +1346,12 @@ class ParamGradStats:
         dtype's rounding where that is larger, or what squares of values near the dtype's
         smallest normal number lose), on the two samples with the largest ``||r||``; ``None``
         when ``r`` is zero there, so that nothing can be compared (a batch the model is so sure
-        of that ``r`` underflows). Named as ``("layer", name)`` and ``("module", name)``."""
+        of that ``r`` underflows), or when the batch has one sample (whose statistics a model
+        that moves samples between rows, or a layer that takes an axis of shared values for
+        the samples' as long as the batch, gets right only there). Named as
+        ``("layer", name)`` and ``("module", name)``."""
+        if len(x) < 2:
+            return None
         G = self.G
         entries = []  # (name, parameters, their parts of G, fast norm, fast cross)
         if not self.checked:
