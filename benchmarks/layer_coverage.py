@@ -1,17 +1,17 @@
 """Cost of dynamicAL params="all" on models beyond the engine table (benchmarks/engine_speed.py):
 sequence, text, tabular, depthwise-separable and 3-D convolutional models, whose Embedding,
 EmbeddingBag, LayerNorm, GroupNorm, Conv1d, BatchNorm1d, grouped (depthwise) Conv2d and Conv3d
-layers have dynal's per-layer fast path, and four models with layers outside it: transformers
+layers have dynal's per-layer fast path, and five models with layers outside it: transformers
 built from nn.TransformerEncoderLayer (nn.MultiheadAttention), with the samples first and, as
-torch's default, second (batch_first=False), a bidirectional LSTM text classifier, and a
+torch's default, second (batch_first=False), bidirectional LSTM and GRU text classifiers, and a
 ResNet-18 with a user-defined layer (a learned per-channel scale after each block).
 
 For each model, on the same random pool (CPU):
   (a) inference     forward pass over the pool (no_grad, eval mode), in batches of 16 to 256
                     samples: the fastest batch size is reported
   (c) all           dynal's ParamGradStats (every layer of the first six models on the fast path;
-                    in the last four, attention and the LSTM take their closed form, the user
-                    layer torch.func on its own module)
+                    in the last five, attention, the LSTM and the GRU take their closed form,
+                    the user layer torch.func on its own module)
   (g) general       the first six models: the layers named above on dynal's general path
                     (torch.func's vmap over grad for their parameters, on the whole model), as
                     before they had a fast path; for the first three models also passes split
@@ -20,10 +20,12 @@ For each model, on the same random pool (CPU):
                     path on the whole model, as before they replayed their own module; for the
                     sequence-first transformer also every layer but the head, as before layers
                     with the samples on another axis than the first kept the fast path; the
-                    LSTM replays its own module, as before it had a closed form
-  (d) vmap          per-sample gradients of all parameters materialized with torch.func
+                    LSTM and the GRU replay their own module, as before they had a closed form
+                    (the GRU one sample at a time: torch.func cannot vmap it)
+  (d) vmap          per-sample gradients of all parameters materialized with torch.func ("-"
+                    where torch.func cannot run the model, as for the GRU)
 (c) and (g) run in the library's default chunks of 1,024 (which ParamGradStats splits into
-passes whose largest layer output is near 8 MB); (c), (g) and (d) are checked to give the same
+passes whose largest layer output is near 8 MB); (c), (g) and (d) (where it runs) are checked to give the same
 scores to 1e-4 relative. Times: the paths
 interleaved in one fresh process per model, the best of the rounds; memory: the sampled peak
 growth of resident memory of one run of each path in its own fresh process.
@@ -166,12 +168,12 @@ class AttentionTransformer(nn.Module):
 
 
 class RecurrentText(nn.Module):
-    """Token ids -> embeddings -> bidirectional ``nn.LSTM`` -> mean over the positions."""
+    """Token ids -> embeddings -> bidirectional ``nn.LSTM`` (or ``nn.GRU``) -> mean over the positions."""
 
-    def __init__(self, vocab: int, dim: int = 64, hidden: int = 128) -> None:
+    def __init__(self, vocab: int, dim: int = 64, hidden: int = 128, cell: type[nn.Module] = nn.LSTM) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
-        self.rnn = nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
+        self.rnn = cell(dim, hidden, batch_first=True, bidirectional=True)
         self.head = nn.Linear(2 * hidden, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +224,7 @@ CASES = [
     ("nn.TransformerEncoder (nn.MultiheadAttention), vocabulary 30,000, 64 tokens", lambda: AttentionTransformer(30_000, 64), TOKENS, 512, 64, False, "replayed"),
     ("nn.TransformerEncoder, sequence-first (batch_first=False), vocabulary 30,000, 64 tokens", lambda: AttentionTransformer(30_000, 64, batch_first=False), TOKENS, 512, 64, False, "sequence-first"),
     ("bidirectional LSTM (nn.LSTM), vocabulary 30,000, 64 tokens", lambda: RecurrentText(30_000), TOKENS, 512, 64, False, "closed form"),
+    ("bidirectional GRU (nn.GRU), vocabulary 30,000, 64 tokens", lambda: RecurrentText(30_000, cell=nn.GRU), TOKENS, 512, 64, False, "closed form"),
     ("ResNet-18 w0.5 + a user-defined scale layer, 3 x 32 x 32", scaled_resnet, lambda n, rng: rng.normal(size=(n, 3, 32, 32)).astype(np.float32), 256, 32, False, "replayed"),
 ]
 PATHS = ("inference", "all", "general", "vmap")
@@ -271,12 +274,18 @@ def _setup(case: int, threads: int) -> dict:
         "general": lambda: scores(general, X),
         "vmap": lambda: vmap_path(model, X[:n_sub], 16, G),
     }
+    try:
+        vmap_path(model, X[:2], 2, G)
+    except RuntimeError:  # a layer torch.func cannot batch (nn.GRU): no column (d)
+        del runs["vmap"]
     scale = {p: n / n_sub if p == "vmap" else 1.0 for p in runs}
 
     def check() -> None:
-        """Fail unless (g) and (d) give (c)'s scores on the sub-pool."""
+        """Fail unless (g) and (d) (where it runs) give (c)'s scores on the sub-pool."""
         ref = scores(fast, X[:n_sub])
-        for name, other in (("general", scores(general, X[:n_sub])), ("vmap", vmap_path(model, X[:n_sub], 16, G).double())):
+        others = [("general", lambda: scores(general, X[:n_sub]))] + ([("vmap", lambda: runs["vmap"]().double())] if "vmap" in runs else [])
+        for name, run in others:
+            other = run()
             diff = float((other - ref).abs().max() / ref.abs().max())
             if not diff <= 1e-4:
                 raise AssertionError(f"{name} scores differ from dynal's by {diff:.1e} (relative)")
@@ -291,8 +300,10 @@ def timings(case: int, threads: int, rounds: int) -> dict:
     return {**best, "params": sum(p.numel() for p in setup["model"].parameters())}
 
 
-def peak_memory(case: int, path: str, threads: int) -> int:
+def peak_memory(case: int, path: str, threads: int) -> int | None:
     setup = _setup(case, threads)
+    if path not in setup["runs"]:
+        return None
     with Measure() as m:
         setup["runs"][path]()
     return m.peak_bytes
@@ -311,11 +322,12 @@ def main() -> None:
     ]
     for case, (label, _, _, n, n_sub, _, _) in enumerate(CASES):
         t, mems = measure_case(pool, timings, peak_memory, case, PATHS, args)
-        rate = lambda p: f"{n / t[p]:,.0f}"  # noqa: E731
+        rate = lambda p: f"{n / t[p]:,.0f}" if p in t else "-"  # noqa: E731
+        vmap_ratio = f"{t['vmap'] / t['all']:.1f}x" if "vmap" in t else "-"
         lines.append(
             f"| {label} | {t['params'] / 1e6:.2f}M | {n} | {n_sub} | {rate('inference')} ({t['inference_path'].split('/')[1]}) | "
             f"{rate('all')} | {rate('general')} | {rate('vmap')} | {t['all'] / t['inference']:.2f}x | "
-            f"{t['general'] / t['all']:.1f}x | {t['vmap'] / t['all']:.1f}x | {' / '.join(f'{m / 2**20:.0f}' for m in mems)} |"
+            f"{t['general'] / t['all']:.1f}x | {vmap_ratio} | {' / '.join('-' if m is None else f'{m / 2**20:.0f}' for m in mems)} |"
         )
         print(lines[-1], flush=True)
     text = "\n".join(lines)
