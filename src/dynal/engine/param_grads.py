@@ -439,15 +439,15 @@ def _attention_closed_form(m: nn.MultiheadAttention, args: tuple, kwargs: dict, 
 def _rnn_closed_form(m: nn.RNN | nn.GRU | nn.LSTM, args: tuple, kwargs: dict, output) -> tuple[SimpleNamespace, list[torch.Tensor]] | None:
     """An RNN, GRU or LSTM recomputed step by step, each layer and direction's input projection
     one product over the whole sequence and its hidden projection one product per step, plus a zero
-    tensor of the steps' shape (``F.linear(h, W_hh, b_hh) + Z[:, t]``) so that one gradient
-    (``Z``'s) holds every step's; inputs in (samples, steps, features) layout. Returns the
+    tensor of the steps' shape (``h W_hh^T + b_hh + Z[:, t]``) so that one gradient (``Z``'s)
+    holds every step's; inputs in (samples, steps, features) layout. Returns the
     products' record and the recomputed output and final states, or ``None`` (a packed or
     unbatched input)."""
     given = {**dict(zip(("input", "hx"), args)), **kwargs}
     x, hx = given["input"], given.get("hx")
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         return None
-    lstm = isinstance(m, nn.LSTM)
+    lstm, gru = isinstance(m, nn.LSTM), isinstance(m, nn.GRU)
     x = x if m.batch_first else x.transpose(0, 1)
     n, steps = x.shape[:2]
     directions, size = 2 if m.bidirectional else 1, m.hidden_size
@@ -465,25 +465,33 @@ def _rnn_closed_form(m: nn.RNN | nn.GRU | nn.LSTM, args: tuple, kwargs: dict, ou
             hh = _piece(m, "weight_hh" + suffix, "bias_hh" + suffix if m.bias else None)
             gates_in = F.linear(layer_input, ih.weight, ih.bias)
             zero = torch.zeros(n, steps, hh.weight.shape[0], dtype=gates_in.dtype, device=gates_in.device, requires_grad=True)
-            # one unbind each, whose backward stacks the steps' gradients (a slice per step
-            # would fill a whole-sequence gradient per step)
-            step_in, step_zero = gates_in.unbind(1), zero.unbind(1)
+            # the hidden projection's bias and the zero added over the whole sequence at once, so
+            # that a step's hidden projection is one product (torch.addmm); each sequence-long
+            # tensor is split into steps by one unbind, whose backward stacks the steps' gradients
+            # (a slice per step would fill a whole-sequence gradient per step)
+            added = zero if hh.bias is None else zero + hh.bias
+            weight = hh.weight.t()
+            if gru:  # the hidden projection of the new gate is scaled by the reset gate
+                step_rz, step_n = (part.unbind(1) for part in gates_in.split([2 * size, size], 2))
+                step_added = added.unbind(1)
+            else:  # the gates are the sum of the two projections
+                step_added = (gates_in + added).unbind(1)
             h, c = h0[layer * directions + direction], c0[layer * directions + direction] if lstm else None
             before, after = [None] * steps, [None] * steps
             for t in range(steps) if direction == 0 else range(steps - 1, -1, -1):
                 before[t] = h
-                gates_h = F.linear(h, hh.weight, hh.bias) + step_zero[t]
+                projected = torch.addmm(step_added[t], h, weight)
                 if lstm:
-                    i, f, g, o = (step_in[t] + gates_h).chunk(4, 1)
-                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    h = torch.sigmoid(o) * torch.tanh(c)
-                elif type(m) is nn.RNN:
-                    h = (torch.tanh if m.nonlinearity == "tanh" else torch.relu)(step_in[t] + gates_h)
+                    i, f, _, o = torch.sigmoid(projected).chunk(4, 1)
+                    c = torch.addcmul(f * c, i, torch.tanh(projected.narrow(1, 2 * size, size)))
+                    h = o * torch.tanh(c)
+                elif gru:
+                    h_rz, h_n = projected.split([2 * size, size], 1)
+                    r, z = torch.sigmoid(step_rz[t] + h_rz).chunk(2, 1)
+                    new = torch.tanh(torch.addcmul(step_n[t], r, h_n))
+                    h = torch.addcmul(new, z, h - new)
                 else:
-                    i_r, i_z, i_n = step_in[t].chunk(3, 1)
-                    h_r, h_z, h_n = gates_h.chunk(3, 1)
-                    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-                    h = (1 - z) * torch.tanh(i_n + r * h_n) + z * h
+                    h = torch.tanh(projected) if m.nonlinearity == "tanh" else torch.relu(projected)
                 after[t] = h
             pieces += [ih, hh]
             inputs += [layer_input.detach(), torch.stack(before, 1).detach()]
