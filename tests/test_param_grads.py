@@ -858,7 +858,7 @@ def test_the_first_batch_check_waits_for_a_batch_with_gradients():
     torch.manual_seed(5)
     model = Leaky().eval()
     sure = torch.zeros(4, 6)
-    sure[:, 0] = 400.0  # logit gaps over 100: r is exactly zero in float32
+    sure[:, 0] = 20_000.0  # logit gaps in the thousands: r is exactly zero, even in float64
     X_lab, y_lab, X_pool = torch.randn(6, 6), torch.randint(0, 3, (6,)), torch.randn(6, 6)
     G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
     stats = ParamGradStats(model, G)
@@ -1830,3 +1830,104 @@ def test_a_closed_form_that_disagrees_is_named_for_that_alone():
     stats, message = _check_batches(AlsoOutside(), X_lab, y_lab, [torch.randn(5, 3, 4), torch.randn(2, 3, 4)])
     assert "other than its closed form gives" in message and "other than replaying its own call" in message
     assert "no closed form for" not in message and len(stats._whole_model_params()) == 4
+
+
+class Leaky(nn.Module):
+    """A Linear whose weight the model also uses outside the layer (as a tied head would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x))) + x @ self.a.weight[:3].T
+
+
+def test_passes_of_one_sample_are_checked(monkeypatch):
+    # one sample per pass (inputs whose layer outputs pass 8 MB, or a pool scanned one sample at
+    # a time) still checks the fast path: the first pass takes two samples where the batch has
+    # them, and a batch of one sample checks that one, once for each layout of the fast path
+    torch.manual_seed(49)
+    model = Leaky().eval()
+    X_lab, y_lab, X_pool = torch.randn(6, 6), torch.randint(0, 3, (6,)), torch.randn(5, 6)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        norm, cross = ParamGradStats(model, G, forward_batch=1)(X_pool)
+    assert "layer a (Linear)" in " ".join(str(w.message) for w in caught)
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+    checks = []
+    disagreeing = ParamGradStats._disagreeing
+    monkeypatch.setattr(ParamGradStats, "_disagreeing", lambda self, *args: checks.append(len(args[0])) or disagreeing(self, *args))
+    stats = ParamGradStats(model, G)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parts = [stats(X_pool[i : i + 1]) for i in range(len(X_pool))]
+    _assert_reference(torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts]), model, X_lab, y_lab, X_pool)
+    first = len(checks)
+    assert first >= 2 and not stats.checked  # on the first sample, until the layout held
+    stats(X_pool[:2])
+    assert len(checks) == first + 1 and stats.checked  # none on the next four samples
+
+
+def test_a_confident_float32_model_keeps_its_tiny_gradients():
+    # logit margins of 60-80: r is about 1e-26 to 1e-35, whose squares float32 cannot hold
+    torch.manual_seed(50)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(60.0)
+    model.eval()
+    X_lab, y_lab, X = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.randn(400, 4) * 3
+    with torch.no_grad():
+        top = model(X).topk(2).values
+    X_pool = X[((top[:, 0] - top[:, 1]) > 60) & ((top[:, 0] - top[:, 1]) < 80)][:6]  # r normal in the float32 reference
+    assert len(X_pool) == 6
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    norm, cross = ParamGradStats(model, G)(X_pool)
+    params = list(model.parameters())
+    flat_G = torch.cat([G[name].double().flatten() for name, _ in model.named_parameters()])
+    for u, x in enumerate(X_pool):  # the reference with the exact r, which cross_entropy loses
+        logits = model(x[None])
+        p = torch.softmax(logits.double(), 1)
+        top2 = logits.detach().topk(2).values[0]
+        margin = float(top2[0] - top2[1])
+        r = param_grads.residuals(p, p.argmax(1)).float()
+        g = torch.cat([t.flatten() for t in torch.autograd.grad(logits, params, grad_outputs=r)]).double()
+        assert 60 < margin < 80 and norm[u] > 0
+        np.testing.assert_allclose(float(norm[u]), float(g @ g), rtol=1e-4)
+        np.testing.assert_allclose(float(cross[u]), float(g @ flat_G), rtol=1e-4, atol=1e-4 * float(cross.abs().max()))
+
+
+class DeepHead(nn.Module):
+    """A head that is not one Linear: two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 6)
+        self.head = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def features(self, x):
+        return torch.tanh(self.body(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("pseudo_label", ["argmax", "expected"])
+def test_the_pool_scan_takes_any_head_with_all_parameters(pseudo_label):
+    torch.manual_seed(51)
+    model, rng = DeepHead().eval(), np.random.default_rng(0)
+    X_lab, y_lab, X_pool = rng.normal(size=(6, 5)).astype(np.float32), rng.integers(0, 3, 6), rng.normal(size=(7, 5)).astype(np.float32)
+    strategy = DynamicAL(params="all", pseudo_label=pseudo_label)
+    stats = labeled_stats(model, strategy.labeled, X_lab, y_lab, batch_size=4)
+    ctx = Context(model, stats, torch.Generator(), strategy.output_options())
+    chunks = list(pool_chunks(model, X_pool, np.arange(7), strategy.outputs, ctx, 3))
+    norm = np.concatenate([c["grad_norm_sq"] for c in chunks])
+    cross = np.concatenate([c["grad_dot_labeled"] for c in chunks])
+    ref_norm, ref_cross = _reference(model, torch.from_numpy(X_lab), torch.from_numpy(y_lab), torch.from_numpy(X_pool), pseudo_label)
+    np.testing.assert_allclose(norm, ref_norm, rtol=1e-4)
+    # "expected" averages the cross term to zero but for rounding: compared on the scale of the
+    # largest |<g, G_S>| that the norms allow
+    G = param_grad_sum(model, X_lab, y_lab, 4)["G_S"]  # ("expected" leaves it out of the labeled statistics)
+    bound = np.sqrt(ref_norm.max() * sum(float(g.double().square().sum()) for g in G.values()))
+    np.testing.assert_allclose(cross, ref_cross, rtol=1e-4, atol=1e-4 * (bound if pseudo_label == "expected" else np.abs(ref_cross).max()))

@@ -906,7 +906,8 @@ class ParamGradStats:
     (one used directly by the model's own ``forward``, or tied between modules) take
     ``torch.func`` on the whole model.
 
-    The first batch of two samples or more with a nonzero gradient checks the fast path against
+    The first batch of two samples or more with a nonzero gradient (passes take two samples at
+    least until then; a batch of one sample checks that one, once) checks the fast path against
     the slow one: for its two samples with the largest ``||r||``, each covered layer's and each
     module's two statistics are compared with a one-sample autograd pass of the whole model. A
     layer that disagrees (its weight also used outside its own forward, a hook that changes its
@@ -927,7 +928,8 @@ class ParamGradStats:
         self.model = model
         self.G = G
         self.clone_outputs = False
-        self.checked = False  # the fast path was compared with the one-sample reference
+        self.checked = False  # the fast path was compared with the one-sample reference on two samples
+        self.checked_alone = None  # the fast path's layout when a batch of one sample last checked it
         self.loop_fallback = False  # torch.func failed on this model: one sample at a time
         self.forward_batch = forward_batch
         self.failed_modules: set[str] = set()  # modules whose own replay cannot be trusted
@@ -1013,7 +1015,7 @@ class ParamGradStats:
         ``m`` in the probe's), else the first. Returns the layers whose statistics cannot read
         the samples there, with why: among them a layer whose input and output have no such
         axis though the probe ran it the same way (one input shared by every sample, such as
-        positions)."""
+        positions, or the samples merged with another axis, as in ``(N T, C)``)."""
         unread = {}
         for (name, module), rec, seen in zip(self.covered, records, probed):
             if name in self.sample_axes:
@@ -1024,7 +1026,10 @@ class ParamGradStats:
             if axis and (features is None or axis >= rec[0].dim() - features):
                 unread[name] = f"has the samples on axis {axis} of its input, where its statistics cannot read them"
             elif not common and _same_layout(rec, seen):
-                unread[name] = f"gets inputs of shape {tuple(rec[0].shape)} with no axis that follows the number of samples (one input shared by every sample)"
+                unread[name] = (
+                    f"gets inputs of shape {tuple(rec[0].shape)} with no axis that follows the number of samples "
+                    "(one input shared by every sample, or the samples merged with another axis)"
+                )
             self.sample_axes[name] = axis
         return unread
 
@@ -1169,6 +1174,8 @@ class ParamGradStats:
             if self.forward_batch is None and len(x):
                 self.forward_batch = forward_batch(self.model, x, run=self.model)
             size = min(self.forward_batch or len(x), self.conv_batch or len(x))
+            if self._pending():  # two samples per pass at least, until a pass has checked them
+                size = max(size, 2)
             if len(x) > size:
                 parts = [self._batch(xs, pseudo_label) for xs in equal_parts(x, size)]
                 return torch.cat([n for n, _ in parts]), torch.cat([c for _, c in parts])
@@ -1249,7 +1256,14 @@ class ParamGradStats:
         live = [i for i, g in enumerate(alive) if g] if logits.requires_grad else []
         whole = self._whole_model_params()
         for j, (lab, w) in enumerate(zip(labels, label_weights)):
-            r = residuals(p, lab).to(logits.dtype)
+            # each sample's r scaled to a largest entry of 1, and its statistics (quadratic and
+            # linear in r) scaled back in float64: a confident float32 model's r (1e-25 at a
+            # margin of 55) would leave squares below float32's range
+            r = residuals(p, lab)
+            scale = r.abs().amax(1)
+            scale = torch.where(scale > 0, scale, 1.0)
+            r = (r / scale[:, None]).to(logits.dtype)
+            w_norm, w_cross = w * scale.square(), w * scale
             last = j == len(labels) - 1
             deltas: list[torch.Tensor | None] = [None] * len(targets)
             if live:
@@ -1290,17 +1304,17 @@ class ParamGradStats:
                         overflow = [name for (name, _), (n_l, c_l) in zip(self.covered, layers) if not (n_l.isfinite().all() and (c_l is None or c_l.isfinite().all()))]
                         self._demote(dict.fromkeys(overflow, "gives statistics that overflow its dtype"))
                         return self._batch(x, pseudo_label)
-                    norm += w * n_sum
+                    norm += w_norm * n_sum
                     if c_sum is not None:
-                        cross += w * c_sum
+                        cross += w_cross * c_sum
             replayed = []
             start = len(records)
             for unit, call in zip(self.units, unit_calls):
                 if unit.capture:
                     replayed.append(self._captured_stats(unit, call, deltas[start : start + len(call.outputs)], n))
                     start += len(call.outputs)
-                    norm += w * replayed[-1][0]
-                    cross += w * replayed[-1][1]
+                    norm += w_norm * replayed[-1][0]
+                    cross += w_cross * replayed[-1][1]
                     continue
                 douts = [d if first else None for d, first in zip(deltas[start : start + len(call.outputs)], call.first)]
                 start += len(call.outputs)
@@ -1313,14 +1327,17 @@ class ParamGradStats:
                     reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
                     self._unit_failed({unit.name: f"cannot run on one sample as it was called ({reason})"})
                     return self._batch(x, pseudo_label)
-                norm += w * replayed[-1][0]
-                cross += w * replayed[-1][1]
-            if not self.checked or not all(u.checked for u in self.units):
+                norm += w_norm * replayed[-1][0]
+                cross += w_cross * replayed[-1][1]
+            if self._check_due(len(x)):
                 wrong = self._disagreeing(x, r, layers, replayed)
-                if wrong is not None:  # None: r is zero on this batch, check the next
+                if wrong is not None and len(x) == 1:
+                    self.checked_alone = self._layout()
+                elif wrong is not None:  # None: r is zero on this batch, check the next
                     self.checked = True
                     for u in self.units:
                         u.checked = True
+                if wrong:
                     layers_wrong = [name for name, _ in self.covered if ("layer", name) in wrong]
                     units_wrong = [u.name for u in self.units if ("module", u.name) in wrong]
                     captured = [u for u in self.units if u.capture and u.name in units_wrong]
@@ -1343,23 +1360,35 @@ class ParamGradStats:
                         return self._batch(x, pseudo_label)
             if whole:
                 n_o, c_o = self._other_stats(x, r, whole)
-                norm += w * n_o
-                cross += w * c_o
+                norm += w_norm * n_o
+                cross += w_cross * c_o
         return norm, cross
+
+    def _layout(self) -> tuple:
+        """What the fast path takes now: the covered layers and the modules that replay their
+        calls or take their closed form."""
+        return tuple(name for name, _ in self.covered), tuple((u.name, u.capture) for u in self.units or [])
+
+    def _pending(self) -> bool:
+        """Whether a covered layer or a module has not been checked on two samples yet."""
+        return not self.checked or self.units is None or not all(u.checked for u in self.units)
+
+    def _check_due(self, n: int) -> bool:
+        """Whether a batch of ``n`` samples checks the fast path (:meth:`_disagreeing`): every
+        batch until one of two samples or more has checked it, but a batch of one sample only
+        once per layout of the fast path (it catches a weight used twice or a hook, but not a
+        model that moves its samples between rows, which gets one sample right)."""
+        return self._pending() and (n >= 2 or self.checked_alone != self._layout())
 
     def _disagreeing(self, x: torch.Tensor, r: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor | None]], replayed: list[tuple[torch.Tensor, torch.Tensor]]) -> set[tuple[str, str]] | None:
         """Covered layers (before the first check) and modules replaying their calls (each one's
         first time) whose statistics differ from a one-sample autograd pass (by more than 1e-3
         relative to the layer's share, or 1e-5 of the sample's total, both eight times the
         dtype's rounding where that is larger, or what squares of values near the dtype's
-        smallest normal number lose), on the two samples with the largest ``||r||``; ``None``
-        when ``r`` is zero there, so that nothing can be compared (a batch the model is so sure
-        of that ``r`` underflows), or when the batch has one sample (whose statistics a model
-        that moves samples between rows, or a layer that takes an axis of shared values for
-        the samples' as long as the batch, gets right only there). Named as
-        ``("layer", name)`` and ``("module", name)``."""
-        if len(x) < 2:
-            return None
+        smallest normal number lose), on the two samples with the largest ``||r||`` (the one of
+        a batch of one); ``None`` when ``r`` is zero there, so that nothing can be compared (a
+        batch the model is so sure of that ``r`` underflows). Named as ``("layer", name)`` and
+        ``("module", name)``."""
         G = self.G
         entries = []  # (name, parameters, their parts of G, fast norm, fast cross)
         if not self.checked:

@@ -30,12 +30,10 @@ def labeled_stats(
     y: np.ndarray,
     batch_size: int = 512,
 ) -> dict[str, Any]:
-    """Compute the named labeled-set statistics, plus facts about the model's head."""
+    """Compute the named labeled-set statistics, plus whether the model's head has a bias
+    (``head_bias``, which the last-layer closed forms read; a head of any form may have none)."""
     check_names(names, LABELED_STATS, "labeled-set statistics")
-    stats: dict[str, Any] = {
-        "head_bias": model.head.bias is not None,
-        "n_classes": model.head.out_features,
-    }
+    stats: dict[str, Any] = {"head_bias": isinstance(getattr(model.head, "bias", None), torch.Tensor)}
     with eval_mode(model):
         for name in names:
             computed = LABELED_STATS[name](model, X, y, batch_size)
