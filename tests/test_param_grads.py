@@ -415,7 +415,8 @@ class Tied(nn.Module):
 
 
 class Reused(nn.Module):
-    """Layers the fast path must not trust, each of which only shows while the model runs."""
+    """Layers the fast path must not trust, each of which only shows while the model runs (and
+    one it never calls, whose statistics are zero)."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -470,12 +471,12 @@ def test_tied_weights_are_counted_once(embedding):
     assert not any(name in tied for name, _ in stats.covered)
 
 
-@pytest.mark.parametrize("kind", ["weight used outside its layer", "runs twice", "samples on the last axis", "attention", "unused layer"])
+@pytest.mark.parametrize("kind", ["weight used outside its layer", "runs twice", "samples on the last axis", "attention"])
 def test_layers_that_break_the_fast_path_while_running_move_to_the_general_path(kind):
     torch.manual_seed(5)
     X_lab, y_lab, X_pool = torch.randn(6, 6), torch.randint(0, 3, (6,)), torch.randn(6, 6)
     stats, message = _check_against_reference(Reused(kind), X_lab, y_lab, X_pool)
-    layer = {"attention": "att.out_proj", "unused layer": "unused", "samples on the last axis": "act"}.get(kind, "a")
+    layer = {"attention": "att.out_proj", "samples on the last axis": "act"}.get(kind, "a")
     # the attention's out_proj, a Linear it never calls, is not taken for covered at all: it
     # joins the attention's closed form
     assert [u.capture for u in stats.units] == [True] if kind == "attention" else f"layer {layer} (" in message
@@ -1931,3 +1932,31 @@ def test_the_pool_scan_takes_any_head_with_all_parameters(pseudo_label):
     G = param_grad_sum(model, X_lab, y_lab, 4)["G_S"]  # ("expected" leaves it out of the labeled statistics)
     bound = np.sqrt(ref_norm.max() * sum(float(g.double().square().sum()) for g in G.values()))
     np.testing.assert_allclose(cross, ref_cross, rtol=1e-4, atol=1e-4 * (bound if pseudo_label == "expected" else np.abs(ref_cross).max()))
+
+
+class Auxiliary(nn.Module):
+    """An auxiliary head that runs only in training (as in Inception networks), or a layer whose
+    weight the model uses without calling it."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.body, self.aux, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x)).mean((2, 3))
+        if self.training:
+            return self.head(h), self.aux(h)
+        return self.head(h) + (F.linear(h, self.aux.weight) if self.kind == "weight used" else 0)
+
+
+@pytest.mark.parametrize("kind", ["training only", "weight used"])
+def test_a_layer_that_does_not_run_has_zero_statistics_unless_its_weight_is_used(kind):
+    torch.manual_seed(52)
+    X_lab, y_lab, X_pool = torch.randn(5, 2, 6, 6), torch.randint(0, 3, (5,)), torch.randn(6, 2, 6, 6)
+    stats, message = _check_against_reference(Auxiliary(kind), X_lab, y_lab, X_pool)
+    covered = [name for name, _ in stats.covered]
+    if kind == "training only":  # no general path for a gradient that is zero
+        assert not message and "aux" in covered and not stats.other
+    else:
+        assert "layer aux (Linear) has per-sample gradients other than" in message and "aux" not in covered

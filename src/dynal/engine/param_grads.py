@@ -912,8 +912,9 @@ class ParamGradStats:
     module's two statistics are compared with a one-sample autograd pass of the whole model. A
     layer that disagrees (its weight also used outside its own forward, a hook that changes its
     output, a sample axis that the probe could not tell, samples moved between rows) or that
-    does not run exactly once per forward pass moves to the general path, and a module that
-    disagrees hands its parameters to the module that contains it, with a warning naming it.
+    runs more than once per forward pass moves to the general path, and a module that
+    disagrees hands its parameters to the module that contains it, with a warning naming it. A
+    layer that does not run (a head used only in training) has zero statistics.
 
     Parameters
     ----------
@@ -1203,6 +1204,8 @@ class ParamGradStats:
         odd = {}
         axes = self.layer_axes
         for (name, _), rec, axis in zip(self.covered, records, axes):
+            if not rec:  # not run (a head used only in training): zero statistics, which the
+                continue  # check compares (a weight used outside the layer is not zero there)
             if len(rec) != 3:
                 odd[name] = f"runs {len(rec) // 3} times per forward pass"
             elif rec[0] is None:
@@ -1225,7 +1228,7 @@ class ParamGradStats:
         # the calls of the modules that replay them, not of the other candidates; with copies
         # (clone_outputs) later code can no longer rewrite what was recorded
         rewritten = any(t._version != v for u in self.units if not u.capture for t, v in calls[u.name][0].versions)
-        if not self.clone_outputs and (rewritten or any(rec[1]._version != rec[2] for rec in records)):
+        if not self.clone_outputs and (rewritten or any(rec[1]._version != rec[2] for rec in records if rec)):
             self.clone_outputs = True  # an in-place op rewrote a recorded tensor: redo with copies
             watched = [u.name for u in self.units if not u.capture]
             logits, records, calls, closed = self._forward(x, modules, watched, clone=True)
@@ -1251,8 +1254,8 @@ class ParamGradStats:
             label_weights = [p[:, k] for k in range(p.shape[1])]
         # a layer output that the logits do not depend on with a gradient (computed under
         # no_grad, detached, or not used) gives that layer a zero per-sample gradient
-        targets = [rec[1] for rec in records] + [t for call in unit_calls for t in call.outputs]
-        alive = [rec[1].requires_grad for rec in records] + [g for u, call in zip(self.units, unit_calls) for g in ([True] * len(call.outputs) if u.capture else call.grads)]
+        targets = [rec[1] if rec else None for rec in records] + [t for call in unit_calls for t in call.outputs]
+        alive = [bool(rec) and rec[1].requires_grad for rec in records] + [g for u, call in zip(self.units, unit_calls) for g in ([True] * len(call.outputs) if u.capture else call.grads)]
         live = [i for i, g in enumerate(alive) if g] if logits.requires_grad else []
         whole = self._whole_model_params()
         for j, (lab, w) in enumerate(zip(labels, label_weights)):
