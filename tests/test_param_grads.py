@@ -848,14 +848,6 @@ def test_layer_outputs_without_a_gradient_give_zero_statistics(kind):
 
 
 def test_the_first_batch_check_waits_for_a_batch_with_gradients():
-    class Leaky(nn.Module):  # a's weight is also used outside its layer
-        def __init__(self):
-            super().__init__()
-            self.a, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.a(x))) + x @ self.a.weight[:3].T
-
     torch.manual_seed(5)
     model = Leaky().eval()
     sure = torch.zeros(4, 6)
