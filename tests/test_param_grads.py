@@ -1952,3 +1952,45 @@ def test_a_layer_that_does_not_run_has_zero_statistics_unless_its_weight_is_used
         assert not message and "aux" in covered and not stats.other
     else:
         assert "layer aux (Linear) has per-sample gradients other than" in message and "aux" not in covered
+
+
+class Gated(nn.Module):
+    """An "expert" layer that runs only when some sample of the batch is routed to it (and
+    changes only those samples): with a hook that changes its output, its weight also used
+    outside it, or sequence-first with as many steps as samples."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a, self.extra, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        if kind == "hook":
+            self.extra.register_forward_hook(lambda m, args, out: 2 * out + 0.3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        routed = (x[:, 0, 0] > 1.0).to(h.dtype)
+        if bool(routed.any()):
+            if self.kind == "sequence-first":
+                e = torch.tanh(self.extra(h.transpose(0, 1))).transpose(0, 1)
+            else:
+                e = torch.tanh(self.extra(h)) + (h @ self.extra.weight.T if self.kind == "weight used" else 0)
+            h = h + routed[:, None, None] * e
+        return self.head(h.mean(1))
+
+
+def _routed(n, samples):
+    x = torch.randn(n, 5, 6)
+    x[:, 0, 0] = -2.0
+    x[samples, 0, 0] = 2.0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["hook", "weight used", "sequence-first"])
+def test_a_layer_that_first_runs_after_the_check_takes_the_whole_model(kind):
+    # it had zero statistics on the batch that checked the fast path, so nothing about it was
+    # checked; and a check on two samples could miss the samples it changes
+    torch.manual_seed(53)
+    X_lab, y_lab = torch.randn(4, 5, 6), torch.randint(0, 3, (4,))
+    stats, message = _check_batches(Gated(kind), X_lab, y_lab, [_routed(2, []), _routed(5, [1, 3]), _routed(3, [0])])
+    assert "layer extra (Linear) runs on this batch but did not on the one that checked the fast path" in message
+    assert "extra.weight" in stats._whole_model_params()

@@ -914,7 +914,8 @@ class ParamGradStats:
     output, a sample axis that the probe could not tell, samples moved between rows) or that
     runs more than once per forward pass moves to the general path, and a module that
     disagrees hands its parameters to the module that contains it, with a warning naming it. A
-    layer that does not run (a head used only in training) has zero statistics.
+    layer that does not run (a head used only in training) has zero statistics; one that did not
+    run on the batch that checked the fast path moves to the general path if it runs later.
 
     Parameters
     ----------
@@ -931,6 +932,7 @@ class ParamGradStats:
         self.clone_outputs = False
         self.checked = False  # the fast path was compared with the one-sample reference on two samples
         self.checked_alone = None  # the fast path's layout when a batch of one sample last checked it
+        self.unchecked_idle: set[str] = set()  # covered layers that did not run on the batch that checked
         self.loop_fallback = False  # torch.func failed on this model: one sample at a time
         self.forward_batch = forward_batch
         self.failed_modules: set[str] = set()  # modules whose own replay cannot be trusted
@@ -1206,7 +1208,13 @@ class ParamGradStats:
         for (name, _), rec, axis in zip(self.covered, records, axes):
             if not rec:  # not run (a head used only in training): zero statistics, which the
                 continue  # check compares (a weight used outside the layer is not zero there)
-            if len(rec) != 3:
+            if name in self.unchecked_idle:
+                odd[name] = "runs on this batch but did not on the one that checked the fast path"
+                # nor can a replay of it or of a module around it be checked on two samples
+                # (it may run for some samples only): its parameters take the whole model
+                path = name.split(".")
+                self.failed_modules.update(".".join(path[:k]) for k in range(1, len(path) + 1))
+            elif len(rec) != 3:
                 odd[name] = f"runs {len(rec) // 3} times per forward pass"
             elif rec[0] is None:
                 odd[name] = "gets tensors besides its input (offsets or per_sample_weights), which its statistics do not read"
@@ -1338,6 +1346,7 @@ class ParamGradStats:
                     self.checked_alone = self._layout()
                 elif wrong is not None:  # None: r is zero on this batch, check the next
                     self.checked = True
+                    self.unchecked_idle = {name for (name, _), rec in zip(self.covered, records) if not rec}
                     for u in self.units:
                         u.checked = True
                 if wrong:
