@@ -235,7 +235,7 @@ class LoggingHead(torch.nn.Linear):
         return super().forward(h)
 
 
-@pytest.mark.parametrize("output", ["last_layer_stats", "last_layer_grad"])
+@pytest.mark.parametrize("output", ["last_layer_stats", "last_layer_grad", "head_features"])
 def test_last_layer_outputs_refuse_a_head_that_is_not_linear(output):
     model, X_lab, y_lab, X_pool = _random_problem(seed=4)
     stats = labeled_stats(model, ["last_layer_grad_sum"], X_lab, y_lab, batch_size=4)
@@ -402,3 +402,77 @@ def test_a_scan_that_needs_no_features_measures_only_the_gradient_pass():
     ctx = Context(model, stats, torch.Generator(), strategy.output_options())
     list(pool_chunks(model, X, np.arange(5), strategy.outputs, ctx, 4))
     assert calls.count((2, False)) == 1 and ctx.cache["param_grad_stats"].forward_batch == stats["forward_batch"]
+
+
+class _Margin(torch.nn.Module):
+    """Features = the input; two classes with logits (h, 0): the margin is h."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0], [0.0]]))
+
+    def features(self, x):
+        return x
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_expected_gradient_scores_keep_their_precision_for_confident_samples():
+    # with p = (1 - t, t), t = e^-m / (1 + e^-m): E||g||^2 = 2 t (1 - t) m^2 and EGL's
+    # E||g|| = 2 sqrt(2) t (1 - t) m; forming 1 - ||p||^2 or 1 - p_y lost every digit past m = 36
+    from dynal.strategies.embedding import EGL
+
+    model = _Margin().double().eval()
+    margins = np.array([5.0, 20.0, 40.0, 60.0, 300.0])
+    t = np.exp(-margins) / (1 + np.exp(-margins))
+    for strategy, want in ((DynamicAL(pseudo_label="expected"), 2 * t * (1 - t) * margins**2), (EGL(), 2 * np.sqrt(2) * t * (1 - t) * margins)):
+        got = _engine_scores(model, np.zeros((0, 1)), np.zeros(0, dtype=int), margins[:, None], strategy)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_take_the_last_layer_path(dtype):
+    # bfloat16 features (which numpy lacks) and float16 labeled sums A h (which overflow float16
+    # on a large labeled set) give the float32 model's scores to their rounding
+    from dynal.strategies.embedding import EGL
+
+    model, _, _, X_pool = _random_problem(seed=5)
+    rng = np.random.default_rng(5)
+    X_lab, y_lab = rng.normal(size=(6000, 5)).astype(np.float32) * 3, rng.integers(0, 4, 6000)
+    half = MLP((5,), 4, hidden=[7]).to(dtype).eval()
+    half.load_state_dict(model.state_dict())
+    features = half.features
+    half.features = lambda x: features(x.to(dtype))
+    for strategy in (DynamicAL(), DynamicAL(pseudo_label="expected"), EGL()):
+        want = _engine_scores(model, X_lab, y_lab, X_pool, strategy)
+        got = _engine_scores(half, X_lab, y_lab, X_pool, strategy)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=0.1, atol=0.05 * np.abs(want).max())
+
+
+class _BareHead(torch.nn.Module):
+    """A head of its own computing W h, with neither bias nor in/out_features."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.clone())
+
+    def forward(self, h):
+        return h @ self.weight.T
+
+
+def test_a_head_of_its_own_computing_w_h_takes_the_last_layer_path():
+    model, X_lab, y_lab, X_pool = _random_problem(bias=False, seed=6)
+    want = _engine_scores(model, X_lab, y_lab, X_pool, DynamicAL())
+    model.head = _BareHead(model.head.weight.detach())
+    np.testing.assert_allclose(_engine_scores(model, X_lab, y_lab, X_pool, DynamicAL()), want, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_rows_must_be_positions():
+    model, _, _, X_pool = _random_problem(seed=7)
+    ctx = Context(model, {}, torch.Generator())
+    with pytest.raises(ValueError, match="rows must be integer positions"):
+        list(pool_chunks(model, X_pool, np.arange(3), ["probs"], ctx, rows=np.arange(len(X_pool)) < 3))

@@ -80,12 +80,24 @@ class Chunk:
         return F.softmax(self.logits, dim=1, dtype=torch.float64)
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy, bfloat16 (which numpy lacks) as float32."""
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def _probs(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     return {"probs": chunk.probs.numpy()}
 
 
 def _features(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
-    return {"features": chunk.features.numpy()}
+    return {"features": _numpy(chunk.features)}
+
+
+def _head_features(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
+    """``features`` for strategies built on the last-layer gradient (EGL, BAIT), whose closed
+    forms need ``model.head(h) = W h + b`` (see :func:`check_linear_head`)."""
+    check_linear_head(chunk)
+    return _features(chunk, ctx)
 
 
 def _plain_head(head: nn.Module) -> bool:
@@ -107,7 +119,11 @@ def check_linear_head(chunk: Chunk) -> None:
             linear = F.linear(chunk.features, weight, bias if isinstance(bias, torch.Tensor) else None)
         if torch.allclose(z, linear, rtol=1e-4, atol=1e-5 * float(linear.abs().max()) + 1e-30):
             return
-    raise ValueError(
+    raise _not_linear(head)
+
+
+def _not_linear(head: nn.Module) -> ValueError:
+    return ValueError(
         f"the last-layer gradient needs model.head(features) = W h + b, and model.head ({type(head).__name__}) "
         "computes something else (its own forward, or a hook that changes its input or output); "
         "dynamicAL with params='all' differentiates any head"
@@ -128,16 +144,19 @@ def _head_and_cross(chunk: Chunk, ctx: Context, bias: float) -> tuple[np.ndarray
     """Float64 logits ``z`` and ``c = A h + a`` (``None`` without the labeled sums ``A``, ``a``),
     each K x n, one column per sample.
 
-    A plain ``nn.Linear`` head (no hooks) computes both in one product with ``[W; A]``, which
-    costs what the head alone does; its logits then serve the chunk's other outputs.
+    A plain ``nn.Linear`` head (no hooks) on float32 or float64 features computes both in one
+    product with ``[W; A]``, which costs what the head alone does; its logits then serve the
+    chunk's other outputs. Half-precision features take the head's own logits and ``A h`` in
+    float32, whose sums over a large labeled set overflow float16.
     """
     if "A" not in ctx.stats:
         return chunk.logits.double().numpy().T, None
     h, head = chunk.features, ctx.model.head
     if "last_layer_head" not in ctx.cache:
-        A = torch.from_numpy(ctx.stats["A"]).to(h.dtype).contiguous()  # K x d, as the head's weight
+        wide = torch.promote_types(h.dtype, torch.float32)
+        A = torch.from_numpy(ctx.stats["A"]).to(wide).contiguous()  # K x d, as the head's weight
         fused = None
-        if _plain_head(head):
+        if _plain_head(head) and h.dtype == wide:
             b = head.bias.detach() if head.bias is not None else torch.zeros(len(A), dtype=h.dtype)
             fused = (torch.cat([b, torch.zeros(len(A), dtype=h.dtype)])[:, None], torch.cat([head.weight.detach(), A]))
         ctx.cache["last_layer_head"] = (A, fused, bias * ctx.stats["a"][:, None])
@@ -150,7 +169,7 @@ def _head_and_cross(chunk: Chunk, ctx: Context, bias: float) -> tuple[np.ndarray
         z, c = out[:K], out[K:]
     else:
         z = chunk.logits.double().numpy().T
-        c = A.matmul(h.T).numpy().astype(np.float64)
+        c = A.matmul(h.to(A.dtype).T).numpy().astype(np.float64)
     c += a
     return z, c
 
@@ -164,24 +183,26 @@ def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     for ``k != y`` (0 at the argmax ``y``), ``q = sum_k e_k`` and ``p = e / (1 + q)`` off ``y``,
     ``||r||^2 = (q^2 + ||e||^2) / (1 + q)^2`` and ``r^T c = (e^T c - q c_y) / (1 + q)``, which
     have no cancellation however confident the model is. The d-long products (``||h_u||^2``,
-    ``A h_u``) run in the features' own precision (float32 for the builtin models), the rest in
-    float64. With ``"expected"`` both are averaged over ``y ~ p``: ``||r||^2`` becomes
-    ``1 - ||p||^2`` and the cross term vanishes (``E[r] = 0``).
+    ``A h_u``) run in the features' own precision (float32 for the builtin models; ``A h_u`` in
+    float32 at least), the rest in float64. With ``"expected"`` both are averaged over ``y ~ p``: ``||r||^2`` becomes
+    ``1 - ||p||^2 = (2 q + q^2 - ||e||^2) / (1 + q)^2`` (the same ``e``, ``q``; no cancellation
+    either, since ``||e||^2 <= q^2``) and the cross term vanishes (``E[r] = 0``).
     """
     check_linear_head(chunk)
     h = chunk.features
-    bias = 1.0 if ctx.model.head.bias is not None else 0.0
-    h_sq = torch.linalg.vector_norm(h, dim=1).numpy().astype(np.float64) ** 2 + bias
-    if _pseudo_label(ctx, "last_layer_stats") == "expected":
-        p = chunk.probs.numpy()
-        return {"grad_norm_sq": (1.0 - np.einsum("nk,nk->n", p, p)) * h_sq, "grad_dot_labeled": np.zeros(len(p))}
-    z, c = _head_and_cross(chunk, ctx, bias)
+    bias = 1.0 if isinstance(getattr(ctx.model.head, "bias", None), torch.Tensor) else 0.0
+    h_sq = _numpy(torch.linalg.vector_norm(h, dim=1)).astype(np.float64) ** 2 + bias
+    expected = _pseudo_label(ctx, "last_layer_stats") == "expected"
+    z, c = (chunk.logits.double().numpy().T, None) if expected else _head_and_cross(chunk, ctx, bias)
     y, cols = z.argmax(0), np.arange(z.shape[1])
     e = np.exp(z - z[y, cols])
     e[y, cols] = 0.0
     q = e.sum(0)
     inv = 1.0 / (1.0 + q)
-    norm = (q * q + (e * e).sum(0)) * (inv * inv * h_sq)
+    e_sq = (e * e).sum(0)
+    if expected:
+        return {"grad_norm_sq": (2.0 * q + q * q - e_sq) * (inv * inv * h_sq), "grad_dot_labeled": np.zeros(len(q))}
+    norm = (q * q + e_sq) * (inv * inv * h_sq)
     cross = ((e * c).sum(0) - q * c[y, cols]) * inv if c is not None else np.zeros(len(q))
     return {"grad_norm_sq": norm, "grad_dot_labeled": cross}
 
@@ -254,6 +275,7 @@ PoolOutput = Callable[[Chunk, Context], dict[str, np.ndarray]]
 POOL_OUTPUTS: dict[str, PoolOutput] = {
     "probs": _probs,
     "features": _features,
+    "head_features": _head_features,
     "last_layer_grad": _last_layer_grad,
     "last_layer_stats": _last_layer_stats,
     "param_grad_stats": _param_grad_stats,
@@ -273,8 +295,10 @@ def last_layer_grad_sum(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_si
 
     These give the labeled set's summed last-layer gradient ``G_S = (A, a)``.
     """
-    K, d = model.head.out_features, model.head.in_features
-    A, a = torch.zeros(K, d, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    weight = getattr(model.head, "weight", None)  # W of a head computing W h (+ b), checked per chunk
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise _not_linear(model.head)
+    A, a = torch.zeros(*weight.shape, dtype=torch.float64), torch.zeros(len(weight), dtype=torch.float64)
     with torch.no_grad():
         for i, chunk in _chunks(model, X, batch_size):
             check_linear_head(chunk)
@@ -293,7 +317,7 @@ def labeled_outputs(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: 
     feats = [np.empty((0, model.head.in_features), dtype=np.float32)]
     probs = [np.empty((0, model.head.out_features))]
     for _, chunk in _chunks(model, X, batch_size):
-        feats.append(chunk.features.numpy())
+        feats.append(_numpy(chunk.features))
         probs.append(chunk.probs.numpy())
     return {"labeled_features": np.concatenate(feats), "labeled_probs": np.concatenate(probs)}
 

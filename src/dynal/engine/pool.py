@@ -83,6 +83,8 @@ def pool_chunks(
     progress : show a progress bar
     """
     check_names(outputs, POOL_OUTPUTS, "pool outputs")
+    if rows is not None and np.asarray(rows).dtype.kind not in "iu":
+        raise ValueError(f"rows must be integer positions in X, got an array of {np.asarray(rows).dtype} (for a mask, pass np.flatnonzero(mask))")
     n = len(X) if rows is None else len(rows)
     if n != len(ids):
         raise ValueError(f"pool has {n} inputs but {len(ids)} ids")

@@ -88,12 +88,19 @@ class EGL(ScoreStrategy):
     """
 
     name = "egl"
-    outputs = ("probs", "features")
+    outputs = ("probs", "head_features")
 
     def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
         p, h = chunk["probs"], chunk["features"].astype(np.float64)
         sq = np.einsum("nk,nk->n", p, p)[:, None]
-        res = np.sqrt(np.maximum((1.0 - p) ** 2 + sq - p**2, 0.0))
+        res_sq = (1.0 - p) ** 2 + sq - p**2
+        # at the most likely class both terms, 1 - p_y and sum_{j != y} p_j^2, are tiny for a
+        # confident sample: summed from the other classes' p instead, without cancellation
+        rows, y = np.arange(len(p)), p.argmax(1)
+        others = p.copy()
+        others[rows, y] = 0.0
+        res_sq[rows, y] = others.sum(1) ** 2 + np.einsum("nk,nk->n", others, others)
+        res = np.sqrt(np.maximum(res_sq, 0.0))
         return np.einsum("nk,nk->n", p, res) * np.sqrt(np.einsum("nd,nd->n", h, h) + float(stats["head_bias"]))
 
 
@@ -294,7 +301,7 @@ class BAIT(Strategy):
     """
 
     name = "bait"
-    outputs = ("probs", "features")
+    outputs = ("probs", "head_features")
     labeled = ("labeled_outputs",)
 
     def __init__(self, fisher: str = "auto", oversample: float = 2.0, reg: float = 1.0, max_dim: int = 2048) -> None:
