@@ -64,7 +64,8 @@ class ScoreStrategy(Strategy):
     """A strategy whose query is the top-b of a per-sample score, reduced in O(b) memory.
 
     Ties are broken by a pseudo-random key per id drawn from the generator, so the pick does
-    not depend on pool order.
+    not depend on pool order for equal scores (copies of an input can score apart in their last
+    bits where a multithreaded matrix product rounds a row by its place in the batch).
     """
 
     @abstractmethod
