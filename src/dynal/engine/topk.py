@@ -57,7 +57,7 @@ class StreamingTopK:
         if len(scores) != len(ids):
             raise ValueError(f"{len(scores)} scores for {len(ids)} ids")
         if np.isnan(scores).any():
-            raise ValueError("a strategy returned NaN scores")
+            raise ValueError("a strategy returned NaN scores: check the pool inputs and the model's outputs on them for NaN or infinite values")
         if self.k == 0:
             return
         if self.floor > -np.inf:  # indexing copies, and the caller may reuse its arrays
