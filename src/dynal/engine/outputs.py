@@ -184,9 +184,10 @@ def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     ``||r||^2 = (q^2 + ||e||^2) / (1 + q)^2`` and ``r^T c = (e^T c - q c_y) / (1 + q)``, which
     have no cancellation however confident the model is. The d-long products (``||h_u||^2``,
     ``A h_u``) run in the features' own precision (float32 for the builtin models; ``A h_u`` in
-    float32 at least), the rest in float64. With ``"expected"`` both are averaged over ``y ~ p``: ``||r||^2`` becomes
-    ``1 - ||p||^2 = (2 q + q^2 - ||e||^2) / (1 + q)^2`` (the same ``e``, ``q``; no cancellation
-    either, since ``||e||^2 <= q^2``) and the cross term vanishes (``E[r] = 0``).
+    float32 at least), the rest in float64. With ``"expected"`` both are averaged over
+    ``y ~ p``: ``||r||^2`` becomes ``1 - ||p||^2 = (2 q + q^2 - ||e||^2) / (1 + q)^2`` (the same
+    ``e``, ``q``; no cancellation either, since ``||e||^2 <= q^2``) and the cross term vanishes
+    (``E[r] = 0``).
     """
     check_linear_head(chunk)
     h = chunk.features
@@ -314,12 +315,13 @@ def labeled_outputs(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: 
     Compact per-sample arrays of the labeled set: Coreset's initial centres, BAIT's labeled
     Fisher information (which BAIT forms itself, full or diagonal). Labels are not used.
     """
-    feats = [np.empty((0, model.head.in_features), dtype=np.float32)]
-    probs = [np.empty((0, model.head.out_features))]
-    for _, chunk in _chunks(model, X, batch_size):
-        feats.append(_numpy(chunk.features))
-        probs.append(chunk.probs.numpy())
-    return {"labeled_features": np.concatenate(feats), "labeled_probs": np.concatenate(probs)}
+    chunks = [chunk for _, chunk in _chunks(model, X, batch_size)]
+    if not chunks:  # an empty labeled set: the widths from a pass on no samples (any head)
+        chunks = [Chunk(model, torch.from_numpy(np.ascontiguousarray(X[:0])))]
+    return {
+        "labeled_features": np.concatenate([_numpy(chunk.features) for chunk in chunks]),
+        "labeled_probs": np.concatenate([chunk.probs.numpy() for chunk in chunks]),
+    }
 
 
 LabeledStat = Callable[[nn.Module, np.ndarray, np.ndarray, int], dict[str, Any]]

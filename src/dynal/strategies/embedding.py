@@ -94,8 +94,8 @@ class EGL(ScoreStrategy):
         p, h = chunk["probs"], chunk["features"].astype(np.float64)
         sq = np.einsum("nk,nk->n", p, p)[:, None]
         res_sq = (1.0 - p) ** 2 + sq - p**2
-        # at the most likely class both terms, 1 - p_y and sum_{j != y} p_j^2, are tiny for a
-        # confident sample: summed from the other classes' p instead, without cancellation
+        # at the most likely class y, ||p - e_y||^2 = (1 - p_y)^2 + sum_{j != y} p_j^2 is tiny for
+        # a confident sample, and 1 - p_y and sq - p_y^2 cancel: summed from the other p instead
         rows, y = np.arange(len(p)), p.argmax(1)
         others = p.copy()
         others[rows, y] = 0.0
