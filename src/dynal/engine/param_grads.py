@@ -316,18 +316,22 @@ def _layer_sample_axes(rec: list, seen: list, n: int, m: int) -> list[int]:
     """The axes of a covered layer's input and output, as :func:`_record_layers` recorded them on
     a batch of ``n`` samples (``rec``) and on a probe of ``m`` (``seen``), that follow the number of
     samples; none unless it ran once on each with its input alone."""
-    if len(rec) != 3 or len(seen) != 3 or rec[0] is None or seen[0] is None:
+    if not _ran_once_alone(rec, seen):
         return []
     outputs = _sample_axes(rec[1], seen[1], n, m)
     return [k for k in _sample_axes(rec[0], seen[0], n, m) if k in outputs]
 
 
+def _ran_once_alone(rec: list, seen: list) -> bool:
+    """Whether a covered layer ran once, on its input alone, both on the batch (``rec``, as
+    :func:`_record_layers` records it) and on the probe (``seen``)."""
+    return len(rec) == 3 and len(seen) == 3 and rec[0] is not None and seen[0] is not None
+
+
 def _same_layout(rec: list, seen: list) -> bool:
     """Whether a covered layer ran once, on its input alone, both on the batch (``rec``) and on
     the probe (``seen``), with inputs and outputs of the same number of axes each time."""
-    if len(rec) != 3 or len(seen) != 3 or rec[0] is None or seen[0] is None:
-        return False
-    return rec[0].dim() == seen[0].dim() and rec[1].dim() == seen[1].dim()
+    return _ran_once_alone(rec, seen) and rec[0].dim() == seen[0].dim() and rec[1].dim() == seen[1].dim()
 
 
 def _call_sample_axes(calls: list[SimpleNamespace], seen: list[SimpleNamespace], n: int, m: int) -> list[list[int]] | None:
@@ -340,6 +344,13 @@ def _call_sample_axes(calls: list[SimpleNamespace], seen: list[SimpleNamespace],
     if len(probe.leaves) != len(call.leaves) or len(probe.outputs) != len(call.outputs):
         return None
     return [_sample_axes(t, u, n, m) for t, u in (*zip(call.leaves, probe.leaves), *zip(call.outputs, probe.outputs))]
+
+
+def _modules_around(name: str) -> list[str]:
+    """The module named ``name`` and the modules that contain it, innermost first, less the model
+    itself."""
+    path = name.split(".")
+    return [".".join(path[:k]) for k in range(len(path), 0, -1)]
 
 
 def _axis_name(axis: int) -> str:
@@ -949,8 +960,7 @@ class ParamGradStats:
 
     def _in_closed_form(self, param_name: str) -> bool:
         """Whether a module holding the parameter has a closed form (:func:`_closed_form`)."""
-        path = param_name.split(".")[:-1]
-        return any(_closed_form(self.model.get_submodule(".".join(path[:k]))) is not None for k in range(1, len(path) + 1))
+        return any(_closed_form(self.model.get_submodule(m)) is not None for m in _modules_around(param_name.rpartition(".")[0]) if m)
 
     def _plan(self, exclude: list[str]) -> None:
         """Split the parameters between the fast path and the general one (the modules that
@@ -976,8 +986,7 @@ class ParamGradStats:
         params = dict(self.model.named_parameters())
         chains = {}
         for name in self.other:
-            path = name.split(".")[:-1]
-            chain = [m for m in (".".join(path[:k]) for k in range(len(path), 0, -1)) if m not in self.failed_modules]
+            chain = [m for m in _modules_around(name.rpartition(".")[0]) if m and m not in self.failed_modules]
             if uses[id(params[name])] == 1 and chain:
                 chains[name] = chain
         return chains
@@ -1212,8 +1221,7 @@ class ParamGradStats:
                 odd[name] = "runs on this batch but did not on the one that checked the fast path"
                 # nor can a replay of it or of a module around it be checked on two samples
                 # (it may run for some samples only): its parameters take the whole model
-                path = name.split(".")
-                self.failed_modules.update(".".join(path[:k]) for k in range(1, len(path) + 1))
+                self.failed_modules.update(_modules_around(name))
             elif len(rec) != 3:
                 odd[name] = f"runs {len(rec) // 3} times per forward pass"
             elif rec[0] is None:
@@ -1243,8 +1251,7 @@ class ParamGradStats:
         unsure = [u for u in self.units if u.capture and (len(closed[u.name]) != 1 or closed[u.name][0] is None or any(len(a) != n for a in closed[u.name][0].inputs))]
         if unsure:  # unbatched, or recomputed values that differ: replayed from now on, checked anew
             for u in unsure:
-                u.capture, u.checked = False, False
-                self.uncaptured.add(u.name)
+                self._uncapture(u)
                 if len(closed[u.name]) == 1:  # (a module that runs twice is named by the replay)
                     self.warned.update(self._owner(name) for name in u.params.values())
                     warnings.warn(
@@ -1288,8 +1295,7 @@ class ParamGradStats:
                     if not captured:
                         raise
                     for u in captured:
-                        u.capture, u.checked = False, False
-                        self.uncaptured.add(u.name)
+                        self._uncapture(u)
                         self.warned.update(self._owner(name) for name in u.params.values())
                     warnings.warn(
                         f"params='all': the model recomputes part of its forward pass (torch.utils.checkpoint), which the closed forms of "
@@ -1358,8 +1364,7 @@ class ParamGradStats:
                         for u in captured:
                             self.warned.update(self._owner(name) for name in u.params.values())
                             warnings.warn(f"params='all': module {self._label(u.name)} has per-sample gradients other than its closed form gives; replaying its call instead", stacklevel=4)
-                            u.capture = False
-                            self.uncaptured.add(u.name)
+                            self._uncapture(u)
                         self.checked = False
                         for u in self.units:
                             u.checked = False
@@ -1375,6 +1380,11 @@ class ParamGradStats:
                 norm += w_norm * n_o
                 cross += w_cross * c_o
         return norm, cross
+
+    def _uncapture(self, unit: SimpleNamespace) -> None:
+        """A module's closed form is not taken from now on: its call replays, checked anew."""
+        unit.capture, unit.checked = False, False
+        self.uncaptured.add(unit.name)
 
     def _layout(self) -> tuple:
         """What the fast path takes now: the covered layers and the modules that replay their
