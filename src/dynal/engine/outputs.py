@@ -105,6 +105,11 @@ def _plain_head(head: nn.Module) -> bool:
     return type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
 
 
+def head_has_bias(model: nn.Module) -> bool:
+    """Whether ``model.head`` has a bias tensor (a head of any form may have none)."""
+    return isinstance(getattr(model.head, "bias", None), torch.Tensor)
+
+
 def check_linear_head(chunk: Chunk) -> None:
     """Raise unless the chunk's logits are ``W h + b`` of its features: the last-layer gradient's
     closed forms hold for that head only. Only a head that is not a plain ``nn.Linear`` (a
@@ -191,7 +196,7 @@ def _last_layer_stats(chunk: Chunk, ctx: Context) -> dict[str, np.ndarray]:
     """
     check_linear_head(chunk)
     h = chunk.features
-    bias = 1.0 if isinstance(getattr(ctx.model.head, "bias", None), torch.Tensor) else 0.0
+    bias = float(head_has_bias(ctx.model))
     h_sq = _numpy(torch.linalg.vector_norm(h, dim=1)).astype(np.float64) ** 2 + bias
     expected = _pseudo_label(ctx, "last_layer_stats") == "expected"
     z, c = (chunk.logits.double().numpy().T, None) if expected else _head_and_cross(chunk, ctx, bias)

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynal.engine.modes import eval_mode
-from dynal.engine.outputs import LABELED_STATS, POOL_OUTPUTS, Chunk, Context
+from dynal.engine.outputs import LABELED_STATS, POOL_OUTPUTS, Chunk, Context, head_has_bias
 
 
 def check_names(names: Sequence[str], known: dict[str, Any], what: str) -> None:
@@ -31,9 +31,9 @@ def labeled_stats(
     batch_size: int = 512,
 ) -> dict[str, Any]:
     """Compute the named labeled-set statistics, plus whether the model's head has a bias
-    (``head_bias``, which the last-layer closed forms read; a head of any form may have none)."""
+    (``head_bias``, which the last-layer closed forms read)."""
     check_names(names, LABELED_STATS, "labeled-set statistics")
-    stats: dict[str, Any] = {"head_bias": isinstance(getattr(model.head, "bias", None), torch.Tensor)}
+    stats: dict[str, Any] = {"head_bias": head_has_bias(model)}
     with eval_mode(model):
         for name in names:
             computed = LABELED_STATS[name](model, X, y, batch_size)
