@@ -47,15 +47,19 @@ def approximation_ratios(
     """Exact objective values of top-b, greedy and (optionally) the optimum, per budget.
 
     Returns one dict per budget with ``b``, ``top_b``, ``greedy`` (pure greedy), ``ratio`` =
-    ``G(top-b) / G(best known)`` (best of greedy, top-b and the optimum when computed; in (0, 1]),
+    ``G(top-b) / G(best known)`` (best of greedy, top-b and the optimum when computed; in [0, 1],
+    0 only where top-b's set has value 0),
     ``ratio_greedy`` = ``G(top-b) / G(pure greedy)`` (above 1 where top-b beats pure greedy,
     infinite where greedy's set has value 0 and top-b's does not) and, with ``optimum``,
     ``optimum`` and ``ratio_optimum`` = ``G(top-b) / G(optimum)``. A ratio of 0 / 0 is 1.
+    Every budget must be at most the pool's size.
     """
     _check_budgets(budgets, "budgets")
+    too_large = [int(b) for b in budgets if int(b) > len(r)]
+    if too_large:
+        raise ValueError(f"query sizes {too_large} exceed the pool of {len(r)}")
     out = []
-    for b in budgets:
-        b = min(int(b), len(r))
+    for b in map(int, budgets):
         t = set_value(r, h, A, a, bias, top_b(r, h, A, a, bias, b, keys))
         g = set_value(r, h, A, a, bias, greedy(r, h, A, a, bias, b, keys)[0])
         row = {"b": b, "top_b": t, "greedy": g, "ratio_greedy": _ratio(t, g)}
@@ -82,14 +86,25 @@ def approximation_study(
     exhaustive optimum, on a random sub-pool of ``tiny_pool`` samples for ``tiny_budgets``.
 
     Returns one record per (round, pool, b) with the fields of :func:`approximation_ratios`
-    plus ``round``, ``n_labeled`` and ``pool`` ("full" or "tiny").
+    plus ``round``, ``n_labeled`` and ``pool`` ("full" or "tiny"). Every query size must fit
+    the last round's pool (``initial + rounds x budget`` samples fewer than the training set),
+    and the tiny budgets the tiny pool; both are checked before any training.
     """
     _check_budgets(budgets, "budgets")
     _check_budgets(tiny_budgets, "tiny budgets")
     if tiny_pool > 20 or max(tiny_budgets, default=0) > 4:
         raise ValueError("the exhaustive optimum needs tiny_pool <= 20 and tiny budgets <= 4")
+    if max(tiny_budgets, default=0) > tiny_pool:
+        raise ValueError(f"tiny budgets {list(tiny_budgets)} must not exceed the tiny pool of {tiny_pool}")
     seed = config.seeds[0] if seed is None else seed
     data = load_dataset(**config.dataset)
+    last_pool = len(data.train) - config.initial - config.rounds * config.budget
+    largest = max([1, *budgets, *tiny_budgets])
+    if last_pool < largest:
+        raise ValueError(
+            f"the last round's pool has {last_pool} samples ({len(data.train)} training samples - initial {config.initial} "
+            f"- {config.rounds} rounds x budget {config.budget}), fewer than the query size {largest}: use fewer rounds or smaller budgets"
+        )
     params = {k: v for k, v in config.model.items() if k != "name"}
     factory = model_factory(config.model["name"], data.input_shape, data.n_classes, **params)
     rng = np.random.default_rng(seed)

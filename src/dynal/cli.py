@@ -100,22 +100,22 @@ def approx_ratio(
     budgets: str = typer.Option("1,5,10,20,50", help="Comma-separated query sizes b for the whole pool."),
     tiny_pool: int = typer.Option(16, min=2, max=20, help="Sub-pool size for the exhaustive optimum (<= 20)."),
     tiny_budgets: str = typer.Option("2,3,4", help="Comma-separated b (<= 4) for the exhaustive optimum; empty to skip."),
-    seed: Optional[int] = typer.Option(None, help="Seed (default: the config's first)."),
+    seed: Optional[int] = typer.Option(None, min=0, help="Seed (default: the config's first)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """The paper's RQ2: G(S + top-b) against greedy and the exhaustive optimum, per round and b."""
     from dynal.approximation import approximation_study, ratio_table
 
-    def ints(text: str) -> list[int]:
+    def ints(text: str, option: str) -> list[int]:
         try:
             values = [int(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+            raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from None
         if any(v < 1 for v in values):
-            raise typer.BadParameter(f"query sizes must be positive, got {text!r}")
+            raise typer.BadParameter(f"query sizes must be positive, got {text!r}", param_hint=option)
         return values
 
-    budget_list, tiny_list = ints(budgets), ints(tiny_budgets)
+    budget_list, tiny_list = ints(budgets, "--budgets"), ints(tiny_budgets, "--tiny-budgets")
     with _user_errors():
         records = approximation_study(ExperimentConfig.from_toml(config), budget_list, tiny_pool, tiny_list, seed, progress)
         typer.echo(ratio_table(records))

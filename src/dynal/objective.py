@@ -18,8 +18,20 @@ import numpy as np
 from dynal.engine.topk import argmax_tied
 
 
+def _budget(budget: int, n: int) -> int:
+    """The query size for a pool of ``n``: at most the pool; a clear error when negative."""
+    if int(budget) < 0:
+        raise ValueError(f"the query size must be non-negative, got {budget}")
+    return min(int(budget), n)
+
+
 def set_value(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, chosen: np.ndarray) -> float:
-    """``G(S + Q) = ||G_S + sum_{u in Q} g_u||^2`` for the rows ``chosen`` of ``r`` and ``h``."""
+    """``G(S + Q) = ||G_S + sum_{u in Q} g_u||^2`` for the rows ``chosen`` of ``r`` and ``h``.
+
+    The rows are summed in increasing order, so a set has one value however it is listed (the
+    sums' rounding would otherwise depend on the order, and a set could beat itself).
+    """
+    chosen = np.sort(np.asarray(chosen, dtype=np.int64))
     rq, hq = r[chosen], h[chosen]
     value = float(np.sum((A + rq.T @ hq) ** 2))
     if bias:
@@ -37,7 +49,8 @@ def greedy(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: boo
     """Greedy maximization of ``G(S + Q)``: each step adds the sample with the largest marginal
     gain ``||g_u||^2 + 2 <R, g_u>``, ``R = G_S + sum of the chosen gradients``.
 
-    Gains are updated with the factorized inner product in O(N (K + d)) per step.
+    Gains are updated with the factorized inner product in O(N (K + d)) per step. A budget
+    larger than the pool takes the whole pool.
 
     Returns
     -------
@@ -47,7 +60,7 @@ def greedy(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: boo
     gains = single_gains(r, h, A, a, bias)
     available = np.ones(len(r), dtype=bool)
     rows, picked_gains = [], []
-    for _ in range(min(budget, len(r))):
+    for _ in range(_budget(budget, len(r))):
         j = argmax_tied(np.where(available, gains, -np.inf), keys)
         rows.append(j)
         picked_gains.append(gains[j])
@@ -69,13 +82,16 @@ def marginal_gains(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, b
 
 
 def top_b(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, budget: int, keys: np.ndarray) -> np.ndarray:
-    """Rows of the ``budget`` largest single gains (dynamicAL's query), ties to larger keys."""
+    """Rows of the ``budget`` largest single gains (dynamicAL's query), ties to larger keys; a
+    budget larger than the pool takes the whole pool."""
     gains = single_gains(r, h, A, a, bias)
-    return np.lexsort((~keys, -gains))[:budget]
+    return np.lexsort((~keys, -gains))[: _budget(budget, len(r))]
 
 
 def exhaustive(r: np.ndarray, h: np.ndarray, A: np.ndarray, a: np.ndarray, bias: bool, budget: int) -> tuple[np.ndarray, float]:
-    """The optimum of ``G(S + Q)`` over all subsets of size ``budget`` (for tiny pools)."""
+    """The optimum of ``G(S + Q)`` over all subsets of size ``budget`` (for tiny pools; a budget
+    larger than the pool takes the whole pool)."""
+    budget = _budget(budget, len(r))
     if len(r) > 20 or budget > 4:
         raise ValueError(f"exhaustive search is for N <= 20 and b <= 4, got N={len(r)}, b={budget}")
     best, best_value = None, -np.inf
