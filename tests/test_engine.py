@@ -61,6 +61,9 @@ def test_last_layer_closed_forms_equal_autograd(bias):
     # the score is the exact gain G(S + {u}) - G(S)
     gain = ((G_S + g_pool) ** 2).sum(1) - (G_S**2).sum()
     np.testing.assert_allclose(got, gain.numpy(), rtol=1e-5, atol=1e-6 * float((G_S**2).sum()))
+    # params="last" is the head's whole gradient, trainable or not (as documented)
+    model.head.requires_grad_(False)
+    np.testing.assert_array_equal(_engine_scores(model, X_lab, y_lab, X_pool, DynamicAL(train_term=2.0)), got)
 
 
 def test_expected_pseudo_label_is_the_expectation_over_p():
@@ -476,3 +479,16 @@ def test_pool_rows_must_be_positions():
     ctx = Context(model, {}, torch.Generator())
     with pytest.raises(ValueError, match="rows must be integer positions"):
         list(pool_chunks(model, X_pool, np.arange(3), ["probs"], ctx, rows=np.arange(len(X_pool)) < 3))
+
+
+def test_dynamical_rejects_bad_options_by_name():
+    for kwargs, message in [
+        ({"params": "first"}, "params must be 'last' or 'all', got 'first'"),
+        ({"pseudo_label": "max"}, "pseudo_label"),
+        ({"train_term": "2"}, "train_term must be a finite number >= 0, got '2'"),
+        ({"train_term": -1.0}, "train_term"),
+        ({"train_term": float("nan")}, "train_term"),
+        ({"train_term": True}, "train_term"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DynamicAL(**kwargs)

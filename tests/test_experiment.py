@@ -111,7 +111,7 @@ def test_config_errors_are_specific(tmp_path):
     ]:
         with pytest.raises(TypeError, match=message):
             _config(BLOBS, **{key: value})
-    with pytest.raises(ValueError, match="train_term must be a finite number"):
+    with pytest.raises(ValueError, match="train_term must be a finite number >= 0, got '2'"):
         _config(BLOBS, strategies=[{"name": "dynamical", "train_term": "2"}])
     # a config that fails before its first round does not claim the directory
     for bad, message in [({"rounds": 100}, "exceeds the pool"), ({"model": {"name": "mlp", "hiden": [8]}}, "hiden"),

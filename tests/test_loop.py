@@ -83,6 +83,27 @@ def test_a_call_that_raises_leaves_the_seeded_draws_as_they_were(blobs, mlp_fact
     np.testing.assert_array_equal(retried.query(4).ids, fresh.query(4).ids)
 
 
+def test_a_strategy_that_raises_mid_pass_leaves_the_model_mode_and_threads_as_they_were(learner):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    learner.initialize(10)
+    learner.fit()
+    learner.model.train()
+    before = blas_threads()
+
+    def select(chunks, stats, budget, rng):
+        next(chunks)  # the pass is under way: eval mode, BLAS limited to one thread
+        raise ValueError("a strategy's own error")
+
+    learner.strategy.select = select
+    with pytest.raises(ValueError, match="own error") as caught:  # ``caught`` keeps the traceback alive
+        learner.query(4)
+    assert caught.value is not None and learner.model.training and blas_threads() == before
+
+
 def test_a_model_that_does_not_fit_the_task_is_refused_when_built(blobs):
     wrong = model_factory("mlp", blobs.input_shape, blobs.n_classes + 1, hidden=[4])
     learner = ActiveLearner(blobs.train, wrong, "entropy", blobs.n_classes, rng=0)

@@ -1994,3 +1994,21 @@ def test_a_layer_that_first_runs_after_the_check_takes_the_whole_model(kind):
     stats, message = _check_batches(Gated(kind), X_lab, y_lab, [_routed(2, []), _routed(5, [1, 3]), _routed(3, [0])])
     assert "layer extra (Linear) runs on this batch but did not on the one that checked the fast path" in message
     assert "extra.weight" in stats._whole_model_params()
+
+
+def test_a_covered_layer_with_a_frozen_parameter_takes_the_general_path_and_says_why():
+    """Bias-only fine-tuning (frozen weights, trainable biases): exact scores on the general
+    path, and the warning names the layers as having frozen parameters."""
+    torch.manual_seed(41)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    model = _with_running_stats(model, (5,))
+    model[0].weight.requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    X_lab, y_lab, X_pool = torch.randn(6, 5), torch.randint(0, 3, (6,)), torch.randn(7, 5)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
+    with pytest.warns(UserWarning) as caught:
+        stats = ParamGradStats(model, G)
+    message = str(caught[0].message)
+    assert "0 (Linear) with frozen parameters" in message and "2 (BatchNorm1d) with frozen parameters" in message
+    assert "3 (Linear)" not in message  # all its parameters trainable: the fast path
+    _assert_reference(*stats(X_pool), model, X_lab, y_lab, X_pool)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,7 +253,8 @@ class ActiveLearner:
                 ids, scores = np.empty(0, dtype=np.int64), np.empty(0)
             else:
                 chunks, stats = self._pass(pool_ids, strategy.outputs, strategy.labeled, strategy.output_options())
-                ids, scores = strategy.select(chunks, stats, budget, self.rng)
+                with closing(chunks):  # a strategy's error ends the pass too (modes, thread limits)
+                    ids, scores = strategy.select(chunks, stats, budget, self.rng)
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) != budget or len(np.unique(ids)) != len(ids) or np.isin(ids, self.state.excluded()).any():
             raise RuntimeError(f"strategy {strategy.name!r} broke the contract: {len(ids)} ids for budget {budget}")
@@ -276,7 +277,8 @@ class ActiveLearner:
         if self.model is None:
             raise ValueError("no model yet: call fit() first")
         chunks, stats = self._pass(self.unlabeled_ids(), outputs, labeled, options or {})
-        ids, arrays = gather(chunks)
+        with closing(chunks):
+            ids, arrays = gather(chunks)
         return {"ids": ids, **arrays}, stats
 
     def update(self, ids: np.ndarray, labels: np.ndarray | None = None) -> None:

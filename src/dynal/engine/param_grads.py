@@ -955,6 +955,10 @@ class ParamGradStats:
             raise ValueError("the model has no trainable parameters")
         slow = sorted({self._owner(n) for n in self.other if not self._in_closed_form(n)})
         self.warned = set(slow)  # layers named as taking the slower path
+        # a layer the fast path covers but for a frozen parameter: say why it takes the slower path
+        frozen = {n.rpartition(".")[0] for n, p in model.named_parameters() if not p.requires_grad}
+        partly = {self._label(m) for m in frozen if m and _covered(model.get_submodule(m))}
+        slow = [f"{label} with frozen parameters" if label in partly else label for label in slow]
         if slow:
             warnings.warn(f"params='all': no fast per-sample gradient for {', '.join(slow)}; using the slower torch.func path for those parameters", stacklevel=3)
 

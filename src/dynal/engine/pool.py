@@ -69,7 +69,8 @@ def pool_chunks(
     rows: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Walk the pool once in eval mode and yield, per chunk, ``ids`` and the named outputs (the
-    model's own train/eval modes come back when the walk ends).
+    model's own train/eval modes and numpy's BLAS threads come back when the walk ends: close
+    the generator, e.g. with ``contextlib.closing``, where its consumer may stop early or raise).
 
     Parameters
     ----------

@@ -47,7 +47,7 @@ class DynamicAL(ScoreStrategy):
             raise ValueError(f"params must be 'last' or 'all', got {params!r}")
         check_pseudo_label(pseudo_label)
         if isinstance(train_term, bool) or not isinstance(train_term, numbers.Real) or not np.isfinite(train_term) or train_term < 0:
-            raise ValueError(f"train_term must be a finite number >= 0, got {train_term}")
+            raise ValueError(f"train_term must be a finite number >= 0, got {train_term!r}")
         self.params = params
         self.train_term = float(train_term)
         self.pseudo_label = pseudo_label
