@@ -492,3 +492,21 @@ def test_dynamical_rejects_bad_options_by_name():
     ]:
         with pytest.raises(ValueError, match=message):
             DynamicAL(**kwargs)
+
+
+def test_expected_last_layer_stats_have_no_cross_term_even_with_the_labeled_sums():
+    """``E[p - e_y] = 0``: with ``pseudo_label="expected"`` the cross term is zero whether or
+    not the labeled sums were computed (the strategy does not ask for them)."""
+    torch.manual_seed(0)
+    model = MLP((5,), 4, hidden=[7]).eval()
+    rng = np.random.default_rng(0)
+    X_lab, y_lab = rng.normal(size=(9, 5)).astype(np.float32), rng.integers(0, 4, 9)
+    X_pool = rng.normal(size=(13, 5)).astype(np.float32)
+    options = {"last_layer_stats": {"pseudo_label": "expected"}}
+    outs = []
+    for labeled in (("last_layer_grad_sum",), ()):
+        stats = labeled_stats(model, labeled, X_lab, y_lab, batch_size=4)
+        chunks = list(pool_chunks(model, X_pool, np.arange(13), ("last_layer_stats",), Context(model, stats, torch.Generator(), options), 4))
+        outs.append([np.concatenate([c[k] for c in chunks]) for k in ("grad_norm_sq", "grad_dot_labeled")])
+    np.testing.assert_array_equal(outs[0][1], 0.0)
+    np.testing.assert_allclose(outs[0][0], outs[1][0])

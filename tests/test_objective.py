@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from dynal.engine.topk import tie_keys
 from dynal.models import MLP
 from dynal.objective import exhaustive, greedy, marginal_gains, set_value, single_gains, top_b
+from dynal.strategies import DynamicALGreedy
 
 
 def _factors(n=12, k=3, d=4, seed=0, bias=True):
@@ -115,6 +116,58 @@ def test_objective_functions_agree_on_budgets_outside_the_pool():
         out = fn(r, h, A, a, True, 9, *args)  # more than the pool: the whole pool
         assert sorted(out[0] if isinstance(out, tuple) else out) == list(range(4))
     assert exhaustive(r, h, A, a, True, 9)[1] == set_value(r, h, A, a, True, np.arange(4))
+
+
+def test_top_b_breaks_ties_to_larger_keys_as_greedy_does():
+    r, h, A, a, _ = _factors(n=6)
+    r, h = np.tile(r, (2, 1)), np.tile(h, (2, 1))  # rows i and i + 6 tie exactly
+    gains = single_gains(r, h, A, a, True)
+    assert (gains[:6] == gains[6:]).all()
+    for salt in range(5):
+        keys = tie_keys(np.arange(12), salt)
+        t = top_b(r, h, A, a, True, 1, keys)[0]
+        assert keys[t] > keys[(t + 6) % 12] and t == greedy(r, h, A, a, True, 1, keys)[0][0]
+
+
+def _greedy_select(r, h, A, a, bias, ids, budget):
+    """``DynamicALGreedy.select`` on the factors, in two chunks."""
+    chunks = [{"ids": ids[:5], "r": r[:5], "h": h[:5]}, {"ids": ids[5:], "r": r[5:], "h": h[5:]}]
+    return DynamicALGreedy().select(chunks, {"A": A, "a": a, "head_bias": bias}, budget, np.random.default_rng(0))
+
+
+def test_greedy_strategy_falls_back_to_top_b_with_top_b_marginal_gains():
+    # greedy takes 5, -2, -2.5 (set value 0.25), top-b the largest single gains 5, -3, -3 (value 1)
+    r, h = np.array([[5.0], [-2.0], [-3.0], [-3.0], [-2.5], [-2.9]]), np.ones((6, 1))
+    A, a, ids = np.zeros((1, 1)), np.zeros(1), np.arange(40, 46)
+    got, scores = _greedy_select(r, h, A, a, False, ids, 3)
+    rows = got - 40
+    assert sorted(got.tolist()) == [40, 42, 43] and set_value(r, h, A, a, False, rows) == 1.0
+    np.testing.assert_allclose(scores, marginal_gains(r, h, A, a, False, rows))
+
+
+def test_greedy_strategy_scores_are_the_marginal_gains_of_its_ids_in_order():
+    for seed in range(10):
+        r, h, A, a, _ = _factors(n=12, seed=seed)
+        ids = np.random.default_rng(seed).permutation(100)[:12]  # dataset ids, not positions
+        got, scores = _greedy_select(r, h, A, a, True, ids, 5)
+        rows = np.array([list(ids).index(u) for u in got])
+        np.testing.assert_allclose(scores, marginal_gains(r, h, A, a, True, rows), rtol=1e-9, atol=1e-12)
+        top = top_b(r, h, A, a, True, 5, tie_keys(ids, 0))
+        assert set_value(r, h, A, a, True, rows) >= set_value(r, h, A, a, True, top)
+
+
+def test_approximation_study_counts_labels_and_repeats_with_its_seed():
+    from dynal.approximation import approximation_study
+    from dynal.experiment import ExperimentConfig
+
+    cfg = ExperimentConfig.from_dict({
+        "initial": 6, "budget": 4, "rounds": 1, "dataset": {"name": "blobs", "n": 90},
+        "model": {"name": "mlp", "hidden": [6]}, "train": {"epochs": 2}, "strategies": ["dynamical"],
+    })
+    records = approximation_study(cfg, budgets=(1, 3), tiny_pool=8, progress=False)
+    assert [(rec["round"], rec["n_labeled"]) for rec in records if rec["pool"] == "full"] == [(0, 6), (0, 6), (1, 10), (1, 10)]
+    assert all(rec["n_labeled"] == 6 + 4 * rec["round"] for rec in records)
+    assert records == approximation_study(cfg, budgets=(1, 3), tiny_pool=8, progress=False)
 
 
 def test_approximation_study_and_cli(tmp_path):
