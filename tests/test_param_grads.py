@@ -1996,14 +1996,41 @@ def test_a_layer_that_first_runs_after_the_check_takes_the_whole_model(kind):
     assert "extra.weight" in stats._whole_model_params()
 
 
-def test_a_covered_layer_with_a_frozen_parameter_takes_the_general_path_and_says_why():
-    """Bias-only fine-tuning (frozen weights, trainable biases): exact scores on the general
-    path, and the warning names the layers as having frozen parameters."""
+class BiasTuned(nn.Module):
+    """Convolutions, BatchNorm, GroupNorm, InstanceNorm, LayerNorm and a Linear on a sequence,
+    each with only its bias trainable (bias-only fine-tuning), and a trainable head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.gn, self.inorm = nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, affine=True)
+        self.conv1, self.ln, self.seq = nn.Conv1d(4, 5, 3), nn.LayerNorm(5), nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+        for m in (self.conv, self.bn, self.gn, self.inorm, self.conv1, self.ln, self.seq):
+            m.weight.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.inorm(self.gn(self.bn(self.conv(x)))))  # (n, 4, 4, 4)
+        h = torch.tanh(self.conv1(h.flatten(2)))  # (n, 5, 14)
+        h = torch.tanh(self.seq(self.ln(h.transpose(1, 2))))  # (n, 14, 6): a sequence
+        return self.head(h.mean(1))
+
+
+def test_bias_only_fine_tuning_keeps_the_fast_path():
+    torch.manual_seed(42)
+    model = _with_running_stats(BiasTuned(), (2, 4, 4))
+    X_lab, y_lab, X_pool = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,)), torch.randn(7, 2, 4, 4)
+    _check_fast_path(model, X_lab, y_lab, X_pool)
+
+
+def test_a_covered_layer_with_a_frozen_weight_takes_the_general_path_and_says_why():
+    """A frozen bias beside a trainable weight: exact scores on the general path, and the
+    warning names the layers as having frozen parameters."""
     torch.manual_seed(41)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.BatchNorm1d(6), nn.Linear(6, 3))
     model = _with_running_stats(model, (5,))
-    model[0].weight.requires_grad_(False)
-    model[2].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
     X_lab, y_lab, X_pool = torch.randn(6, 5), torch.randint(0, 3, (6,)), torch.randn(7, 5)
     G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
     with pytest.warns(UserWarning) as caught:

@@ -128,12 +128,30 @@ def check_per_sample(model: nn.Module) -> None:
             )
 
 
+# Layers whose bias gradient is the output gradient summed over the positions, with the bias on
+# the output's last axes or on axis 1: one of them whose only trainable parameter is its bias
+# (bias-only fine-tuning) keeps the fast path with :func:`_bias_stats`.
+_BIAS_LAST = (nn.Linear, nn.LayerNorm)
+_BIAS_CHANNELS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """A module's own trainable parameters, by name."""
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def _bias_only(module: nn.Module) -> bool:
+    """Whether the module's only trainable parameter is a bias that :func:`_bias_stats` reads."""
+    return isinstance(module, _BIAS_LAST + _BIAS_CHANNELS) and [n for n, _ in _trainable(module)] == ["bias"]
+
+
 def split_parameters(model: nn.Module, exclude: Collection[str] = ()) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     """Covered modules (with trainable parameters) and the names of all other trainable parameters.
 
-    A module is covered when :func:`_covered` holds, all its parameters are trainable, none is
-    shared with another module (tied weights) and its name is not in ``exclude``. Other
-    parameters are named as ``model.named_parameters()`` names them (a tied one once).
+    A module is covered when :func:`_covered` holds, all its parameters are trainable (or only its
+    bias, see :func:`_bias_only`), none is shared with another module (tied weights) and its
+    name is not in ``exclude``. Other parameters are named as ``model.named_parameters()`` names
+    them (a tied one once).
     """
     names = {id(p): n for n, p in model.named_parameters()}
     uses = Counter(id(p) for _, m in model.named_modules(remove_duplicate=False) for p in m.parameters(recurse=False))
@@ -143,7 +161,8 @@ def split_parameters(model: nn.Module, exclude: Collection[str] = ()) -> tuple[l
         trainable = [p for p in own if p.requires_grad]
         if not trainable:
             continue
-        if mname not in exclude and _covered(module) and len(trainable) == len(own) and all(uses[id(p)] == 1 for p in own):
+        whole = len(trainable) == len(own) or _bias_only(module)
+        if mname not in exclude and _covered(module) and whole and all(uses[id(p)] == 1 for p in own):
             covered.append((mname, module))
         else:
             other.update((names[id(p)], None) for p in trainable)
@@ -827,6 +846,15 @@ def _embedding_bag_stats(m: nn.EmbeddingBag, a: torch.Tensor, d: torch.Tensor, G
     return norm, share * (summed * delta).sum(1)
 
 
+def _bias_stats(m: nn.Module, a: torch.Tensor, d: torch.Tensor, G: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer whose only trainable parameter is its bias (:func:`_bias_only`): the per-sample
+    bias gradient is the output gradient summed over the positions (in at least float32)."""
+    n, size = len(d), m.bias.numel()
+    d = d.to(torch.promote_types(d.dtype, torch.float32))
+    g = d.reshape(n, -1, size).sum(1) if isinstance(m, _BIAS_LAST) else d.reshape(n, size, -1).sum(2)
+    return _affine_stats(g, None, None if G is None else {"weight": G["bias"]})
+
+
 def _zero_stats(n: int, dtype: torch.dtype, cross: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The statistics of a layer whose output gets no gradient."""
     return torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype) if cross else None
@@ -900,7 +928,7 @@ def _own_tensors_kept(model: nn.Module) -> Iterator[None]:
 class ParamGradStats:
     """Per-sample ``||g_u||^2`` and ``<g_u, G>`` over a model's trainable parameters.
 
-    Covered layers (see :func:`_covered`) take the fast path. The other parameters take
+    Covered layers (see :func:`split_parameters`) take the fast path. The other parameters take
     ``torch.func`` (``vmap`` over ``grad``) on their own module where that module (or, failing
     that, the nearest module that contains it) runs once per forward pass, leaves its
     arguments as they were, and has a sample axis on the outputs that reach the logits: its
@@ -975,9 +1003,9 @@ class ParamGradStats:
         G = self.G
         self.G_layers = None
         if G is not None:
-            self.G_layers = [{n: G[f"{name}.{n}" if name else n] for n, _ in m.named_parameters(recurse=False)} for name, m in self.covered]
-        self.layer_stats = [_FAST[_fast_class(m)][0] for _, m in self.covered]
-        conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, _CONVOLUTIONS)]
+            self.G_layers = [{n: G[f"{name}.{n}" if name else n] for n, _ in _trainable(m)} for name, m in self.covered]
+        self.layer_stats = [_bias_stats if _bias_only(m) else _FAST[_fast_class(m)][0] for _, m in self.covered]
+        conv_sizes = [m.weight.numel() for _, m in self.covered if isinstance(m, _CONVOLUTIONS) and not _bias_only(m)]
         self.conv_batch = max(16, _CACHE_ELEMENTS // max(conv_sizes)) if conv_sizes else None
 
     def _candidates(self) -> dict[str, list[str]]:
@@ -1419,7 +1447,7 @@ class ParamGradStats:
         entries = []  # (name, parameters, their parts of G, fast norm, fast cross)
         if not self.checked:
             for l, (name, m) in enumerate(self.covered):
-                own = list(m.named_parameters(recurse=False))
+                own = _trainable(m)
                 parts = [self.G_layers[l][pn] for pn, _ in own] if G is not None else None
                 entries.append((("layer", name), [p for _, p in own], parts, *layers[l]))
         for unit, (n_u, c_u) in zip(self.units, replayed):
