@@ -1620,8 +1620,8 @@ def test_an_attention_recomputation_that_disagrees_falls_back_to_replay_alone(wr
     # (here made wrong on purpose) is replayed, and no other layer is blamed for it
     core = param_grads._attention_core
 
-    def broken(heads, q, k, v, padding, mask, causal):
-        return core(heads, q * 1.05, k, v, padding, mask, causal) if wrong == "query scaled" else core(heads, q, k, v, None, mask, causal)
+    def broken(heads, q, k, v, padding, mask, *rest):
+        return core(heads, q * 1.05, k, v, padding, mask, *rest) if wrong == "query scaled" else core(heads, q, k, v, None, mask, *rest)
 
     monkeypatch.setattr(param_grads, "_attention_core", broken)
     torch.manual_seed(42)
@@ -1631,6 +1631,7 @@ def test_an_attention_recomputation_that_disagrees_falls_back_to_replay_alone(wr
     X_pool[:, :2, 0] = 0.0
     stats, message = _check_against_reference(model.eval(), X_lab, y_lab, X_pool)
     assert [u.capture for u in stats.units] == [False, False] and "has per-sample gradients other than" not in message
+    assert "closed form does not read" in message  # the recomputation ran and was found off
     assert [name for name, _ in stats.covered] == [name for name, _ in param_grads.split_parameters(model)[0]]  # none demoted
 
 
@@ -2039,3 +2040,129 @@ def test_a_covered_layer_with_a_frozen_weight_takes_the_general_path_and_says_wh
     assert "0 (Linear) with frozen parameters" in message and "2 (BatchNorm1d) with frozen parameters" in message
     assert "3 (Linear)" not in message  # all its parameters trainable: the fast path
     _assert_reference(*stats(X_pool), model, X_lab, y_lab, X_pool)
+
+
+def test_batchnorm_statistics_divide_by_the_running_variance_plus_eps():
+    # a large eps (and small running variances): sqrt(var + eps) differs from sqrt(var) by far
+    # more than the tolerance, so a dropped eps shows
+    torch.manual_seed(51)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, eps=0.5), nn.Tanh(), nn.Flatten(), nn.Linear(36, 6), nn.BatchNorm1d(6, eps=0.3), nn.Linear(6, 3))
+    model = _with_running_stats(model, (2, 5, 5))
+    with torch.no_grad():
+        model[1].running_var.mul_(0.1)
+    X_lab, y_lab, X_pool = torch.randn(4, 2, 5, 5), torch.tensor([0, 1, 2, 1]), torch.randn(5, 2, 5, 5)
+    _check_fast_path(model, X_lab, y_lab, X_pool)
+
+
+def test_the_labeled_gradient_sum_is_taken_in_eval_mode_from_a_training_model():
+    # a model left in training mode (BatchNorm, dropout): G_S is the eval-mode sum of the
+    # per-sample gradients, the running statistics are untouched and the mode is given back
+    torch.manual_seed(52)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3))
+    model = _with_running_stats(model, (5,)).train()
+    running = model[1].running_mean.clone(), model[1].running_var.clone()
+    X_lab, y_lab, X_pool = torch.randn(6, 5), torch.tensor([0, 1, 2, 1, 0, 2]), torch.randn(4, 5)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
+    assert model.training and model[1].training
+    assert torch.equal(model[1].running_mean, running[0]) and torch.equal(model[1].running_var, running[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        norm, cross = ParamGradStats(model, G)(X_pool)
+    assert model.training
+    _assert_reference(norm, cross, model.eval(), X_lab, y_lab, X_pool)
+
+
+def test_the_first_batch_check_catches_a_layer_whose_cross_term_alone_is_wrong(monkeypatch):
+    # the safety net must compare <g, G> as well as ||g||^2: a Linear whose fast cross term is
+    # off (its norm right) moves to the general path, with the reference's statistics
+    linear = param_grads._FAST[nn.Linear][0]
+
+    def off(m, a, d, G):
+        norm, cross = linear(m, a, d, G)
+        return norm, (None if cross is None else cross * 1.5 + 0.1)
+
+    monkeypatch.setitem(param_grads._FAST, nn.Linear, (off, ("forward",)))
+    torch.manual_seed(53)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).eval()
+    X_lab, y_lab, X_pool = torch.randn(4, 5), torch.tensor([0, 1, 2, 1]), torch.randn(5, 5)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool)
+    assert not stats.covered and "has per-sample gradients other than" in " ".join(str(w.message) for w in caught)
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+
+
+class Flipped(nn.Module):
+    """Reverses the order of its samples around a Linear and puts them back: on an odd number of
+    samples the middle one keeps its row, every other sample gets another's statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x.flip(0))).flip(0))
+
+
+def test_the_first_batch_check_compares_two_samples_not_only_the_largest():
+    # three samples ordered so that the one with the largest ||r|| is the middle one, the only
+    # one the reversal leaves in place: a check of that sample alone passes, the second does not
+    torch.manual_seed(54)
+    model = Flipped().eval()
+    X_lab, y_lab, x = torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), torch.randn(3, 4)
+    with torch.no_grad():
+        p = torch.softmax(model(x).double(), 1)
+    size = param_grads.residuals(p, p.argmax(1)).norm(dim=1)
+    order = size.argsort()
+    X_pool = x[order[[0, 2, 1]]]  # largest in the middle
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 3)["G_S"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = ParamGradStats(model, G)
+        norm, cross = stats(X_pool)
+    assert "lin (Linear)" in " ".join(str(w.message) for w in caught) and "lin" not in [name for name, _ in stats.covered]
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+
+
+@pytest.mark.parametrize("option", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_attention_with_extra_keys_is_named_up_front_and_replayed(option):
+    # bias_k/bias_v or a zero attention are not in the closed form: the constructor names the
+    # attention as taking the slower path, and no recomputation is attempted
+    torch.manual_seed(55)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn, self.head = nn.Linear(3, 8), nn.MultiheadAttention(8, 2, batch_first=True, **option), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+    model = Net().eval()
+    X_lab, y_lab, X_pool = torch.randn(4, 5, 3), torch.tensor([0, 1, 2, 0]), torch.randn(5, 5, 3)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = ParamGradStats(model, G)
+        first = " ".join(str(w.message) for w in caught)
+        norm, cross = stats(X_pool)
+    message = " ".join(str(w.message) for w in caught)
+    assert "attn (MultiheadAttention)" in first
+    assert "closed form does not read" not in message and not any(u.capture for u in stats.units)
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+
+
+def test_the_labeled_gradient_sum_of_a_float64_model_keeps_float64_precision():
+    torch.manual_seed(57)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double().eval()
+    X, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    G = param_grad_sum(model, X.numpy(), y.numpy(), 7)["G_S"]
+    loss = F.cross_entropy(model(X), y, reduction="sum")
+    names, params = zip(*model.named_parameters())
+    ref = dict(zip(names, torch.autograd.grad(loss, params)))
+    for n in names:
+        assert G[n].dtype == torch.float64
+        torch.testing.assert_close(G[n], ref[n], rtol=1e-12, atol=1e-12)
