@@ -13,8 +13,9 @@ from torch.nn import functional as F
 from dynal import ActiveLearner, Split, TrainConfig, model_factory
 from dynal.engine import Context, labeled_stats, pool_chunks, tie_keys
 from dynal.engine.topk import draw_salt
-from dynal.strategies import BADGE, BAIT, BALD, EGL, Coreset, make_strategy
+from dynal.strategies import BADGE, BAIT, BALD, EGL, Coreset, Entropy, LeastConfidence, Margin, RandomSampling, make_strategy
 from dynal.strategies.bayesian import mutual_information
+from dynal.strategies.collect import gather
 from dynal.strategies.embedding import badge_sq_dists
 
 
@@ -109,18 +110,24 @@ def test_mc_probs_depend_on_the_sample_not_its_chunk_and_passes_differ(cnn_learn
 
 
 class _DropoutProbe(nn.Module):
-    """``features = dropout(x)`` with an identity head: the logits show the masks."""
+    """``features = flatten(dropout(x))`` with an identity head: the logits show the masks."""
 
-    def __init__(self, d, p):
+    def __init__(self, d, p, layer=nn.Dropout):
         super().__init__()
-        self.drop = nn.Dropout(p)
+        self.drop = layer(p)
         self.head = nn.Linear(d, d)
         with torch.no_grad():
             self.head.weight.copy_(torch.eye(d))
             self.head.bias.zero_()
 
     def features(self, x):
-        return self.drop(x)
+        return self.drop(x).flatten(1)
+
+
+def _kept(probs, p):
+    """Which units each pass kept, from the probe's log-probabilities (dropped units: logit 0)."""
+    logp = np.log(probs)  # passes x units; log-softmax = logits - logsumexp
+    return logp - logp.min(1, keepdims=True) > 0.5 / (1 - p)
 
 
 def test_mc_dropout_rate_scaling_and_masks_shared_across_samples():
@@ -131,9 +138,16 @@ def test_mc_dropout_rate_scaling_and_masks_shared_across_samples():
     kept = logits > 0.5 / (1 - p)
     np.testing.assert_allclose(logits[kept], 1 / (1 - p), rtol=1e-5)
     assert abs(kept.mean() - (1 - p)) < 0.03
-    assert (kept[0] != kept[1]).any()
+    assert all((kept[s] != kept[t]).any() for s in range(T) for t in range(s))  # each pass a new draw
     for i in range(1, 4):  # identical inputs: one posterior draw per pass for every sample
         np.testing.assert_allclose(probs[i], probs[0])
+
+
+def test_mc_dropout2d_drops_whole_channels():
+    c, p = 40, 0.3
+    probs = _mc_pass(_DropoutProbe(c * 4, p, nn.Dropout2d), np.ones((3, c, 2, 2), np.float32), np.arange(3), 2, passes=6)
+    kept = _kept(probs[0], p).reshape(6, c, 4)
+    assert (kept == kept[:, :, :1]).all() and kept.any() and not kept.all()  # whole channels
 
 
 def test_bald_without_dropout_is_a_clear_error(blobs, mlp_factory):
@@ -195,6 +209,28 @@ def test_coreset_never_repeats_when_features_coincide():
     got, _ = Coreset().select(_chunks(ids, features=X), {"labeled_features": np.zeros((1, 3))}, 25, np.random.default_rng(0))
     assert len(set(got.tolist())) == 25
     assert {int(i) // 10 for i in got[:3] - 200} == {0, 1, 2}
+
+
+def test_coreset_copies_score_exactly_zero_and_follow_the_tie_keys():
+    """Copies of a picked point are at distance 0 exactly (no rounding noise), so they come in
+    the tie keys' order, as in a greedy on the exact full distance matrix."""
+    g = np.random.default_rng(0)
+    base = 5.0 + 3.0 * g.normal(size=(4, 6))
+    which = np.repeat(np.arange(4), 5)
+    ids = g.permutation(np.arange(500, 520))
+    X, L = base[which], base[:1]
+    keys = tie_keys(ids, draw_salt(np.random.default_rng(0)))
+    D, dist = cdist(base, base)[which][:, which], cdist(base, L).min(1)[which]
+    picks = []
+    for _ in range(20):
+        d = dist.copy()
+        d[picks] = -1
+        top = np.flatnonzero(d == d.max())
+        picks.append(int(top[np.argmax(keys[top])]))
+        dist = np.minimum(dist, D[picks[-1]])
+    got, scores = Coreset().select(_chunks(ids, features=X), {"labeled_features": L}, 20, np.random.default_rng(0))
+    np.testing.assert_array_equal(got, ids[picks])
+    assert (scores[3:] == 0.0).all()
 
 
 # ----------------------------------------------------------------------------- BADGE
@@ -263,6 +299,27 @@ def test_badge_with_all_zero_embeddings_draws_uniformly_and_distinctly():
     assert sorted(got.tolist()) == list(range(20)) and (scores == 0).all()
 
 
+def test_badge_scores_are_squared_distances_to_the_nearest_earlier_pick():
+    ids, p, h = _pool(30, 3, 4, seed=3)
+    r = p.copy()
+    r[np.arange(30), p.argmax(1)] -= 1.0
+    G = (r[:, :, None] * h[:, None, :]).reshape(30, -1)  # materialized gradient embeddings
+    got, scores = BADGE().select(_chunks(ids, r=r, h=h), {}, 10, np.random.default_rng(7))
+    pos = [int(np.flatnonzero(ids == i)[0]) for i in got]
+    for t in range(1, 10):
+        assert scores[t] == pytest.approx(min(((G[pos[t]] - G[pos[s]]) ** 2).sum() for s in range(t)), rel=1e-9, abs=1e-12)
+
+
+def test_badge_draws_in_tie_key_order_once_no_mass_is_left():
+    ids = np.arange(40, 60)
+    r, h = np.zeros((20, 3)), np.ones((20, 2))  # every embedding zero: no D^2 mass
+    keys = tie_keys(ids, draw_salt(np.random.default_rng(0)))
+    expected = ids[np.argsort(-keys.astype(np.float64), kind="stable")[:8]]
+    for order in (np.arange(20), np.random.default_rng(1).permutation(20)):
+        got, _ = BADGE().select(_chunks(ids[order], r=r[order], h=h[order]), {}, 8, np.random.default_rng(0))
+        np.testing.assert_array_equal(got, expected)
+
+
 # ----------------------------------------------------------------------------- EGL
 @pytest.mark.parametrize("bias", [True, False])
 def test_egl_matches_autograd_expected_gradient_length(bias):
@@ -321,6 +378,27 @@ def test_bait_matches_materialized_fisher_greedy(fisher, oversample):
     np.testing.assert_allclose(scores, gains, rtol=1e-6)
 
 
+@pytest.mark.parametrize("fisher", ["full", "diagonal"])
+@pytest.mark.parametrize("seed, reg", [(0, 0.02), (1, 0.1), (3, 0.02), (7, 0.1)])
+def test_bait_backward_steps_match_the_reference_with_a_weak_ridge(fisher, seed, reg):
+    # with a small ridge the removals' losses differ enough to change the kept set
+    ids, p, h = _pool(24, 3, 3, seed=seed + 50)
+    _, pL, hL = _pool(5, 3, 3, seed=seed + 100)
+    chosen, _ = _bait_reference(p, h, pL, hL, 4, 2.0, reg, fisher == "diagonal")
+    stats = {"labeled_probs": pL, "labeled_features": hL}
+    got, _ = BAIT(fisher, 2.0, reg=reg).select(_chunks(ids, probs=p, features=h), stats, 4, np.random.default_rng(0))
+    np.testing.assert_array_equal(got, ids[chosen])
+
+
+@pytest.mark.parametrize("fisher", ["full", "diagonal"])
+def test_bait_ties_go_to_the_largest_tie_key(fisher):
+    ids = np.arange(700, 716)
+    p, h = np.tile([[0.5, 0.3, 0.2]], (16, 1)), np.tile([[1.0, -0.5, 2.0]], (16, 1))  # identical candidates
+    keys = tie_keys(ids, draw_salt(np.random.default_rng(0)))
+    got, _ = BAIT(fisher, 1.0).select(_chunks(ids, probs=p, features=h), {"labeled_probs": p[:0], "labeled_features": h[:0]}, 4, np.random.default_rng(0))
+    np.testing.assert_array_equal(got, ids[np.argsort(-keys.astype(np.float64), kind="stable")[:4]])
+
+
 def test_bait_auto_uses_the_full_fisher_up_to_max_dim():
     ids, p, h = _pool(40, 3, 4, seed=9)
     stats = {"labeled_probs": p[:0], "labeled_features": h[:0]}
@@ -365,3 +443,41 @@ def test_least_confidence_and_bald_keep_the_order_of_confident_samples():
     assert np.all(mutual_information(same) == 0.0)  # identical passes: no information, never below 0
     same[3] = np.nan
     assert np.isnan(mutual_information(same)[3])  # left for the top-b to refuse, not zeroed
+
+
+# ----------------------------------------------------------------------------- uncertainty, random
+def test_uncertainty_scores_match_their_formulas():
+    _, p, _ = _pool(200, 5, 1, seed=11)
+    top = np.sort(p, axis=1)
+    np.testing.assert_allclose(Margin().score({"probs": p}, {}), -(top[:, -1] - top[:, -2]), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(Entropy().score({"probs": p}, {}), -(p * np.log(p)).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(LeastConfidence().score({"probs": p}, {}), 1.0 - p.max(1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("cls, certainty", [
+    (Margin, lambda p: np.sort(p, 1)[:, -1] - np.sort(p, 1)[:, -2]),
+    (Entropy, lambda p: (p * np.log(p)).sum(1)),
+    (LeastConfidence, lambda p: p.max(1)),
+])
+def test_uncertainty_queries_pick_the_most_uncertain(cls, certainty):
+    ids, p, _ = _pool(60, 4, 1, seed=13)
+    got, _ = cls().select(_chunks(ids, probs=p), {}, 9, np.random.default_rng(0))
+    np.testing.assert_array_equal(got, ids[np.argsort(certainty(p), kind="stable")[:9]])
+
+
+def test_random_sampling_is_uniform_and_follows_the_generator():
+    ids = np.arange(300, 320)
+    counts, picks = np.zeros(20), set()
+    for seed in range(400):
+        got, _ = RandomSampling().select(_chunks(ids), {}, 5, np.random.default_rng(seed))
+        picks.add(tuple(sorted(got.tolist())))
+        counts[got - 300] += 1
+    assert len(picks) > 200 and chisquare(counts).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_gather_refuses_a_single_non_finite_value(bad):
+    X = np.ones((10, 3))
+    X[4, 1] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        gather(_chunks(np.arange(10), features=X), ["features"])

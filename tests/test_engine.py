@@ -136,6 +136,21 @@ def test_streaming_topk_matches_brute_force_in_any_order(k, buffer):
 def test_streaming_topk_rejects_nan():
     with pytest.raises(ValueError, match="NaN"):
         StreamingTopK(2, 0).push(np.arange(3), np.array([0.0, np.nan, 1.0]))
+    topk = StreamingTopK(2, salt=0, buffer=1)
+    topk.push(np.arange(3), np.array([5.0, 6.0, 7.0]))  # merged: a floor of 6, which NaN is not above
+    with pytest.raises(ValueError, match="NaN"):
+        topk.push(np.arange(3, 6), np.array([1.0, np.nan, 2.0]))
+
+
+@pytest.mark.parametrize("buffer", [1, 4])
+def test_streaming_topk_has_no_floor_before_it_holds_k(buffer):
+    ids, scores = np.arange(1000, 1030), np.linspace(10.0, -10.0, 30)  # the best come first
+    topk = StreamingTopK(12, salt=5, buffer=buffer)
+    for part in np.array_split(np.arange(30), 6):  # chunks of 5, fewer than k
+        topk.push(ids[part], scores[part])
+    got, got_scores = topk.result()
+    np.testing.assert_array_equal(got, _brute_topk(ids, scores, 12, 5))
+    np.testing.assert_array_equal(got_scores, scores[:12])
 
 
 def test_streaming_topk_memory_stays_bounded_under_ties_and_arrays_can_be_reused():
@@ -510,3 +525,29 @@ def test_expected_last_layer_stats_have_no_cross_term_even_with_the_labeled_sums
         outs.append([np.concatenate([c[k] for c in chunks]) for k in ("grad_norm_sq", "grad_dot_labeled")])
     np.testing.assert_array_equal(outs[0][1], 0.0)
     np.testing.assert_allclose(outs[0][0], outs[1][0])
+
+
+class _Confident(torch.nn.Module):
+    """Features = the input; logits (0, -g, -2g): probabilities far below float32's range."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(1, 3)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[0.0], [-1.0], [-2.0]]))
+            self.head.bias.zero_()
+
+    def features(self, x):
+        return x
+
+
+def test_pool_probs_are_the_float64_softmax_of_the_logits():
+    from dynal.strategies import LeastConfidence
+
+    model = _Confident().eval()
+    gaps = np.array([[60.0], [80.0], [100.0], [120.0]], dtype=np.float32)
+    ctx = Context(model, {}, torch.Generator().manual_seed(0))
+    probs = np.concatenate([c["probs"] for c in pool_chunks(model, gaps, np.arange(4), ["probs"], ctx, 4)])
+    z = np.concatenate([np.zeros((4, 1)), -gaps.astype(np.float64), -2 * gaps.astype(np.float64)], axis=1)
+    np.testing.assert_allclose(probs, np.exp(z) / np.exp(z).sum(1, keepdims=True), rtol=1e-12, atol=0)
+    assert np.all(np.diff(LeastConfidence().score({"probs": probs}, {})) < 0)  # still ordered

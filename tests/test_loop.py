@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,84 @@ def test_ignored_ids_leave_the_pool(learner, blobs):
     q = learner.query(20)
     assert not np.isin(q.ids, blobs.train.ids[:50]).any()
     assert len(learner.unlabeled_ids()) == len(blobs.train) - 50
+
+
+def test_ignore_checks_its_ids_and_stores_nothing_on_error(learner, blobs):
+    learner.initialize(blobs.train.ids[:5])
+    for bad, error, message in [(blobs.train.ids[:1], ValueError, "already labeled"), (np.array([10**9]), KeyError, "not in the pool"),
+                                (blobs.train.ids[[7, 7]], ValueError, "duplicates")]:
+        with pytest.raises(error, match=message):
+            learner.ignore(bad)
+    assert not learner.state.ignored and len(learner.unlabeled_ids()) == len(blobs.train) - 5
+
+
+def test_unlabeled_ids_keep_the_split_order(blobs, mlp_factory):
+    from dynal import Split
+
+    perm = np.random.default_rng(0).permutation(len(blobs.train))
+    split = Split(blobs.train.ids[perm], blobs.train.X[perm], blobs.train.y[perm])
+    learner = ActiveLearner(split, mlp_factory, "entropy", blobs.n_classes, rng=0)
+    learner.initialize(split.ids[[3, 9, 27]])
+    learner.ignore(split.ids[[5]])
+    np.testing.assert_array_equal(learner.unlabeled_ids(), np.delete(split.ids, [3, 5, 9, 27]))
+
+
+def test_a_strict_query_of_exactly_what_is_left_is_allowed(learner, blobs):
+    learner.initialize(blobs.train.ids[:12])
+    learner.ignore(blobs.train.ids[20:])
+    learner.fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = learner.query(8, strict=True)
+    assert sorted(q.ids.tolist()) == sorted(blobs.train.ids[12:20].tolist())
+
+
+def test_a_strategy_returning_a_labeled_or_ignored_id_breaks_the_contract(learner, blobs):
+    learner.initialize(blobs.train.ids[:12])
+    learner.ignore(blobs.train.ids[15:16])
+    learner.fit()
+    for bad in (blobs.train.ids[0], blobs.train.ids[15]):  # labeled, ignored
+        learner.strategy.select = lambda chunks, stats, budget, rng, bad=bad: (np.array([blobs.train.ids[30], bad]), np.zeros(2))
+        with pytest.raises(RuntimeError, match="broke the contract"):
+            learner.query(2)
+
+
+def test_labels_given_before_the_first_query_are_stamped_round_zero(learner, blobs):
+    learner.initialize(blobs.train.ids[:5])
+    learner.update(blobs.train.ids[[9, 10]])
+    assert learner.state.rounds[int(blobs.train.ids[9])] == 0
+    learner.fit()
+    q = learner.query(3)
+    learner.update(q.ids)
+    assert {learner.state.rounds[i] for i in q.ids.tolist()} == {1}
+
+
+def test_labeled_statistics_pair_each_input_with_its_label(blobs, mlp_factory):
+    from dynal.engine.outputs import last_layer_grad_sum
+
+    learner = ActiveLearner(blobs.train, mlp_factory, "dynamical", blobs.n_classes, TrainConfig(epochs=2), rng=0)
+    learner.initialize(blobs.train.ids[:10])
+    learner.update(blobs.train.ids[[40, 20, 33, 11, 25]])  # labeled out of id order
+    learner.fit()
+    _, stats = learner.scan(["probs"], ["last_layer_grad_sum"])
+    labeled = np.array(sorted(learner.state.labels))
+    X, y = blobs.train.X[blobs.train.positions(labeled)], np.array([learner.state.labels[i] for i in labeled])
+    ref = last_layer_grad_sum(learner.model, X, y, 64)
+    np.testing.assert_allclose(stats["A"], ref["A"], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(stats["a"], ref["a"], rtol=1e-6, atol=1e-8)
+
+
+def test_mc_dropout_masks_come_from_the_learners_generator(blobs):
+    factory = model_factory("mlp", blobs.input_shape, blobs.n_classes, hidden=[16], dropout=0.3)
+    runs = []
+    for _ in range(2):
+        learner = ActiveLearner(blobs.train, factory, "bald", blobs.n_classes, TrainConfig(epochs=2, batch_size=32), rng=4)
+        learner.initialize(blobs.train.ids[:12])
+        learner.fit()
+        runs.append([learner.scan(["mc_probs"], options={"mc_probs": {"passes": 3}})[0]["mc_probs"] for _ in range(2)])
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])  # the same seed replays the masks
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert not np.allclose(runs[0][0], runs[0][1])  # and a second scan draws new ones
 
 
 def test_initial_draw_skips_ignored_ids_and_does_not_depend_on_pool_order(blobs, mlp_factory):
