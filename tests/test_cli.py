@@ -1,3 +1,5 @@
+import json
+
 from typer.testing import CliRunner
 
 from dynal.cli import app
@@ -48,3 +50,35 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path):
     assert not (tmp_path / "o").exists()
     debug = runner.invoke(app, ["run", str(bad_toml)], env={"DYNAL_DEBUG": "1"})
     assert isinstance(debug.exception, ValueError)  # with its traceback
+
+
+CFG = ('name = "c"\ninitial = 4\nbudget = 2\nrounds = 1\n[dataset]\nname = "blobs"\nn = 60\n'
+       '[model]\nname = "mlp"\nhidden = [4]\n[train]\nepochs = 1\n[[strategies]]\nname = "random"\n')
+
+
+def test_run_writes_to_out_and_report_takes_a_results_file(tmp_path, monkeypatch):  # C3, C4
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text(CFG)
+    out = tmp_path / "elsewhere"
+    assert runner.invoke(app, ["run", "c.toml", "--out", str(out), "--no-progress"]).exit_code == 0
+    assert (out / "results.jsonl").exists() and not (tmp_path / "runs").exists()
+    (out / "learning_curve.png").unlink()
+    result = runner.invoke(app, ["report", str(out / "results.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert (out / "learning_curve.png").exists()
+
+
+def test_report_judges_completeness_by_the_planned_rounds(tmp_path):  # C5
+    (tmp_path / "config.json").write_text(json.dumps({"rounds": 2}))
+    rows = [{"strategy": "random", "seed": 0, "round": i, "n_labeled": 4 + 2 * i, "test_accuracy": 0.5} for i in range(2)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0 and "no run has finished yet" in result.output, result.output
+
+
+def test_type_errors_and_option_ranges_exit_as_documented(tmp_path):  # C2, C6, C7
+    (tmp_path / "t.toml").write_text(CFG.replace("budget = 2", "budget = 2.0"))
+    result = runner.invoke(app, ["run", str(tmp_path / "t.toml"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "budget must be a int" in result.stderr and "Traceback" not in result.output
+    assert "error:" not in result.stdout  # errors go to stderr
+    assert runner.invoke(app, ["demo", "--seeds", "0", "--out", str(tmp_path / "d")]).exit_code == 2

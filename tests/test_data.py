@@ -3,7 +3,8 @@ import gzip
 import numpy as np
 import pytest
 
-from dynal.data import from_arrays, load_arrays, load_dataset
+from dynal.data import Dataset, Split, from_arrays, load_arrays, load_dataset
+from dynal.data.arrays import stratified_split
 from dynal.data.builtin import fashion_mnist
 
 
@@ -116,3 +117,30 @@ def test_split_positions_rejects_unknown_ids(blobs):
     np.testing.assert_array_equal(blobs.train.ids[blobs.train.positions(ids)], ids)
     with pytest.raises(KeyError, match="not in this dataset"):
         blobs.train.positions(np.array([10**9]))
+
+
+def test_stratified_split_holds_out_the_fraction_of_every_class():  # D1, D2
+    y = np.repeat([0, 1, 2], [7, 12, 18])
+    for seed in range(5):
+        train, test = stratified_split(y, 0.2, seed)
+        assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(y)))
+        for k, size in enumerate((7, 12, 18)):
+            assert abs(np.sum(y[test] == k) - 0.2 * size) <= 0.5  # the nearest count
+
+
+def test_positions_of_unsorted_ids_and_id_checks():  # D3, D4, D5
+    split = Split(np.array([30, 10, 20]), np.zeros((3, 2), np.float32), np.array([0, 1, 0]))
+    np.testing.assert_array_equal(split.positions(np.array([20, 30, 10])), [2, 0, 1])
+    with pytest.raises(ValueError, match="unique"):
+        Split(np.array([1, 1]), np.zeros((2, 2), np.float32), None)
+    other = Split(np.array([10, 40]), np.zeros((2, 2), np.float32), np.array([0, 1]))
+    with pytest.raises(ValueError, match="overlap"):
+        Dataset("d", split, other, 2)
+
+
+def test_ids_are_rows_of_X_and_the_class_count_sees_the_test_labels():  # D8, D7
+    X, y = np.arange(40, dtype=np.float32).reshape(20, 2), np.arange(20) % 2
+    d = from_arrays(X, y)
+    np.testing.assert_array_equal(d.train.X, X[d.train.ids])
+    np.testing.assert_array_equal(d.test.X, X[d.test.ids])
+    assert from_arrays(X, y, X[:3], np.array([0, 2, 1])).n_classes == 3

@@ -1,9 +1,12 @@
 import json
+import os
 
 import numpy as np
 import pytest
 
 from dynal import ExperimentConfig, run_experiment
+from dynal.data import load_dataset
+from dynal.experiment import _write_atomic, read_results
 from dynal.report import aubc, load_records, planned_rounds, plot, summarize, table
 
 TIMINGS = {"train_seconds", "query_seconds", "query_peak_memory"}
@@ -182,3 +185,128 @@ def test_report_from_records(tmp_path):
     (run / "results.jsonl").write_text('{"strategy": "random", "seed": 0, "round": 0}\n')
     with pytest.raises(ValueError, match=r"line 1, is not a round record: it lacks \['n_labeled', 'test_accuracy'\]"):
         load_records(run)
+
+TINY = {"name": "blobs", "n": 60, "d": 4, "k": 3, "seed": 2}  # 48 pool samples, 12 test
+
+
+def _cfg(**over):
+    """A one-round, one-seed config on TINY, with a labeled strategy."""
+    small = {"model": {"name": "mlp", "hidden": [4]}, "strategies": ["random", {"name": "entropy", "label": "ent"}],
+             "train": {"epochs": 1, "batch_size": 16}, "budget": 4, "rounds": 1, "seeds": [0]}
+    return _config(TINY, **{**small, **over})
+
+
+def test_rerunning_a_finished_run_adds_nothing(tmp_path):  # X5: completed runs keyed by label
+    cfg = _cfg()
+    first = load_records(run_experiment(cfg, tmp_path, progress=False))
+    again = load_records(run_experiment(cfg, tmp_path, progress=False))
+    assert len(first) == 2 * 2 and _strip(again) == _strip(first)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_rename_never_happens(tmp_path, monkeypatch):  # X3
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def crash(*args):
+        raise OSError("crash before the rename")
+
+    monkeypatch.setattr("dynal.experiment.os.replace", crash)
+    with pytest.raises(OSError):
+        _write_atomic(path, "new")
+    assert path.read_text() == "old"
+
+
+def test_a_broken_line_ended_by_a_newline_is_damage_not_a_cut_write(tmp_path):  # X4
+    good = json.dumps({"strategy": "random", "seed": 0, "round": 0, "n_labeled": 5, "test_accuracy": 0.5})
+    path = tmp_path / "results.jsonl"
+    path.write_text(good + "\n" + good[:30] + "\n")  # the newline was written: not a crash mid-record
+    with pytest.raises(ValueError, match="line 2, is not a JSON record"):
+        read_results(path)
+    path.write_text(good + "\n" + good[:30])  # cut short: dropped
+    assert len(read_results(path)) == 1
+
+
+def test_an_unreadable_config_json_is_refused(tmp_path):  # X7
+    (tmp_path / "config.json").write_text('{"rounds": ')
+    with pytest.raises(ValueError, match="config.json is unreadable"):
+        run_experiment(_cfg(), tmp_path, progress=False)
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_a_plan_may_use_the_whole_pool_but_not_one_more(tmp_path):  # X8, X9
+    pool = len(load_dataset(**TINY).train)
+    assert pool == 48
+    records = load_records(run_experiment(_cfg(strategies=["random"], initial=8, budget=10, rounds=4), tmp_path / "a", progress=False))
+    assert max(r["n_labeled"] for r in records) == pool
+    with pytest.raises(ValueError, match="exceeds the pool"):
+        run_experiment(_cfg(strategies=["random"], initial=9, budget=10, rounds=4), tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize("key, value", [("budget", 0), ("budget", -3), ("initial", 0), ("rounds", -1), ("chunk_size", 0)])
+def test_sizes_are_range_checked(key, value):  # X11
+    with pytest.raises(ValueError, match="must be >= 1"):
+        _cfg(**{key: value})
+
+
+def test_config_sections_need_a_name_and_seeds_are_not_bools():  # X12, X13
+    with pytest.raises(ValueError, match=r"\[dataset\] needs a 'name'"):
+        _config({"n": 60})
+    with pytest.raises(ValueError, match=r"\[model\] needs a 'name'"):
+        _cfg(model={"hidden": [4]})
+    with pytest.raises(TypeError, match="seeds must be a list of integers"):
+        _cfg(seeds=[True])
+
+
+def test_each_record_is_synced_as_its_round_ends(tmp_path, monkeypatch):  # X14 (a spy: durability is not observable otherwise)
+    synced = []
+    monkeypatch.setattr("dynal.experiment.os.fsync", lambda fd: synced.append(os.fstat(fd).st_size))
+    records = load_records(run_experiment(_cfg(strategies=["random"]), tmp_path, progress=False))
+    assert len(synced) >= len(records) + 1  # config.json, then every record
+
+
+N_LAB = [10, 20, 40]  # uneven steps: the x-axis matters
+ACC = {("random", 0): [0.2, 0.5, 0.6], ("random", 1): [0.4, 0.5, 0.9], ("random", 2): [0.3, 0.4, 0.5],
+       ("margin", 0): [0.2, 0.7, 0.8], ("margin", 1): [0.4, 0.5, 0.7], ("margin", 2): [0.3, 0.6, 0.9]}
+
+
+def _records(shuffle=False):
+    out = [{"strategy": s, "seed": seed, "round": i, "n_labeled": n, "test_accuracy": a}
+           for (s, seed), accs in ACC.items() for i, (n, a) in enumerate(zip(N_LAB, accs))]
+    if shuffle:
+        out = [out[i] for i in np.random.default_rng(3).permutation(len(out))]
+    return out
+
+
+def _ref_aubc(accs):
+    return np.trapezoid(accs, N_LAB) / (N_LAB[-1] - N_LAB[0])
+
+
+def test_aubc_std_and_vs_random_are_population_statistics_over_seeds():  # R3, R6
+    s = summarize(_records())
+    for name in ("random", "margin"):
+        per = [_ref_aubc(ACC[(name, seed)]) for seed in range(3)]
+        assert s[name]["aubc_mean"] == pytest.approx(np.mean(per))
+        assert s[name]["aubc_std"] == pytest.approx(np.std(per))  # ddof=0, as the accuracy std
+    diffs = [_ref_aubc(ACC[("margin", k)]) - _ref_aubc(ACC[("random", k)]) for k in range(3)]
+    line = next(x for x in table(_records()).splitlines() if x.startswith("vs random"))
+    assert f"{np.mean(diffs):+.3f} ± {np.std(diffs):.3f}" in line
+    assert np.std(diffs) > 0.01 and np.std(diffs, ddof=1) - np.std(diffs) > 0.002  # distinguishable
+
+
+def test_table_rows_show_each_rounds_label_count():  # R7
+    rows = table(_records()).splitlines()[1:4]
+    for i, (row, n) in enumerate(zip(rows, N_LAB)):
+        assert row.split()[:2] == [str(i), str(n)]
+
+
+def test_records_in_any_order_give_the_same_summary():  # R9
+    a, b = summarize(_records()), summarize(_records(shuffle=True))
+    for name in a:
+        np.testing.assert_allclose(a[name]["mean"], b[name]["mean"])
+        assert a[name]["aubc_mean"] == pytest.approx(b[name]["aubc_mean"])
+
+
+def test_planned_rounds_must_be_a_count(tmp_path):  # R8
+    (tmp_path / "config.json").write_text(json.dumps({"rounds": -1}))
+    with pytest.raises(ValueError, match="not a count"):
+        planned_rounds(tmp_path)

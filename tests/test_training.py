@@ -1,5 +1,6 @@
 """Training and evaluation on the labeled set."""
 
+import copy
 import time
 import warnings
 
@@ -100,3 +101,76 @@ def test_predict_proba_runs_cache_sized_forward_passes_with_the_same_result(monk
     model.body.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
     np.testing.assert_allclose(predict_proba(model, X), whole, rtol=1e-5, atol=1e-7)
     assert calls == [2, 4, 4, 2]  # the two-sample measurement, then the passes
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_fit_draws_dropout_from_the_generator_not_torchs_global_rng():  # T2
+    X, y = _data(12)
+    factory = model_factory("mlp", (6,), 3, hidden=[8], dropout=0.5)
+    out = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model = build_model(factory, np.random.default_rng(0))
+        fit(model, X, y, TrainConfig(epochs=2, batch_size=4), np.random.default_rng(5))
+        out.append(_flat(model))
+    assert torch.equal(out[0], out[1])
+
+
+def test_build_model_leaves_torchs_global_rng_alone_and_follows_the_generator():  # T3, T11
+    factory = model_factory("mlp", (6,), 3, hidden=[8])
+    torch.manual_seed(123)  # a state that no earlier build_model can have left behind
+    state = torch.get_rng_state()
+    a = build_model(factory, np.random.default_rng(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(_flat(a), _flat(build_model(factory, np.random.default_rng(0))))
+    assert not torch.equal(_flat(a), _flat(build_model(factory, np.random.default_rng(1))))
+
+
+def test_one_full_batch_sgd_matches_a_hand_written_momentum_update():  # T7 (mean loss), T8 (momentum)
+    X, y = _data(10)
+    model = build_model(model_factory("mlp", (6,), 3, hidden=[8]), np.random.default_rng(0))
+    ref = copy.deepcopy(model)
+    lr, mom = 0.1, 0.9
+    fit(model, X, y, TrainConfig(epochs=2, batch_size=64, optimizer="sgd", lr=lr, momentum=mom), np.random.default_rng(0))
+    params = list(ref.parameters())
+    velocity = [torch.zeros_like(p) for p in params]
+    for _ in range(2):
+        grads = torch.autograd.grad(F.cross_entropy(ref(torch.from_numpy(X)), torch.from_numpy(y)), params)
+        with torch.no_grad():
+            for p, v, g in zip(params, velocity, grads):
+                v.mul_(mom).add_(g)
+                p.sub_(lr * v)
+    torch.testing.assert_close(_flat(model), _flat(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_the_hold_out_is_not_trained_on_and_its_best_epoch_is_kept():  # T6, T5
+    X, y = _data(40, seed=3)
+    y = np.random.default_rng(4).integers(0, 3, 40)  # noise: the validation accuracy wanders
+    config = TrainConfig(epochs=15, batch_size=8, lr=0.05, val_fraction=0.25)
+    n_val = 10
+    val = np.sort(np.random.default_rng(11).permutation(40)[:n_val])  # fit's first draw from rng
+    models, results = [], []
+    for labels in (y, np.where(np.isin(np.arange(40), val), (y + 1) % 3, y)):  # only hold-out labels change
+        model = build_model(model_factory("mlp", (6,), 3, hidden=[16]), np.random.default_rng(0))
+        results.append(fit(model, X, labels, config, np.random.default_rng(11)))
+        models.append(model)
+    assert results[0].history == results[1].history  # training never saw the hold-out labels
+    assert evaluate(models[0], X[val], y[val]) == results[0].val_accuracy  # the best epoch's weights
+
+
+def test_a_lone_last_sample_joins_the_previous_batch():  # T12
+    X, y = _data(11)
+    model = build_model(model_factory("mlp", (6,), 3, hidden=[8]), np.random.default_rng(0))
+    sizes = []
+    model.register_forward_pre_hook(lambda m, inputs: sizes.append(len(inputs[0])) if m.training else None)
+    fit(model, X, y, TrainConfig(epochs=1, batch_size=5), np.random.default_rng(0))
+    assert sorted(sizes) == [5, 6]
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("val_fraction", 1.0), ("val_fraction", -0.1)])
+def test_train_config_more_ranges(field, value):  # T9, T10
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
