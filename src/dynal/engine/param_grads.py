@@ -158,7 +158,7 @@ def split_parameters(model: nn.Module, exclude: Collection[str] = ()) -> tuple[l
     covered, other = [], {}
     for mname, module in model.named_modules():
         own = list(module.parameters(recurse=False))
-        trainable = [p for p in own if p.requires_grad]
+        trainable = [p for _, p in _trainable(module)]
         if not trainable:
             continue
         whole = len(trainable) == len(own) or _bias_only(module)
@@ -367,9 +367,9 @@ def _call_sample_axes(calls: list[SimpleNamespace], seen: list[SimpleNamespace],
 
 def _modules_around(name: str) -> list[str]:
     """The module named ``name`` and the modules that contain it, innermost first, less the model
-    itself."""
+    itself (none for ``""``, the model)."""
     path = name.split(".")
-    return [".".join(path[:k]) for k in range(len(path), 0, -1)]
+    return [".".join(path[:k]) for k in range(len(path), 0, -1)] if name else []
 
 
 def _axis_name(axis: int) -> str:
@@ -992,7 +992,7 @@ class ParamGradStats:
 
     def _in_closed_form(self, param_name: str) -> bool:
         """Whether a module holding the parameter has a closed form (:func:`_closed_form`)."""
-        return any(_closed_form(self.model.get_submodule(m)) is not None for m in _modules_around(param_name.rpartition(".")[0]) if m)
+        return any(_closed_form(self.model.get_submodule(m)) is not None for m in _modules_around(param_name.rpartition(".")[0]))
 
     def _plan(self, exclude: list[str]) -> None:
         """Split the parameters between the fast path and the general one (the modules that
@@ -1018,7 +1018,7 @@ class ParamGradStats:
         params = dict(self.model.named_parameters())
         chains = {}
         for name in self.other:
-            chain = [m for m in _modules_around(name.rpartition(".")[0]) if m and m not in self.failed_modules]
+            chain = [m for m in _modules_around(name.rpartition(".")[0]) if m not in self.failed_modules]
             if uses[id(params[name])] == 1 and chain:
                 chains[name] = chain
         return chains
