@@ -14,6 +14,7 @@ VARIANTS = [(name, {}) for name in sorted(STRATEGIES)] + [
     ("dynamical", {"pseudo_label": "expected"}),
     ("dynamical", {"params": "all"}),
     ("dynamical", {"params": "all", "pseudo_label": "expected"}),
+    ("dynamical", {"params": "all", "train_term": 0.0}),
     ("bait", {"fisher": "diagonal"}),
 ]
 IDS = [f"{n}{p or ''}" for n, p in VARIANTS]

@@ -113,6 +113,8 @@ def test_objective_functions_agree_on_budgets_outside_the_pool():
     for fn, args in [(greedy, (keys,)), (top_b, (keys,)), (exhaustive, ())]:
         with pytest.raises(ValueError, match="non-negative"):
             fn(r, h, A, a, True, -1, *args)
+        with pytest.raises(TypeError, match="must be an integer, got 2.9"):
+            fn(r, h, A, a, True, 2.9, *args)
         out = fn(r, h, A, a, True, 9, *args)  # more than the pool: the whole pool
         assert sorted(out[0] if isinstance(out, tuple) else out) == list(range(4))
     assert exhaustive(r, h, A, a, True, 9)[1] == set_value(r, h, A, a, True, np.arange(4))
@@ -192,6 +194,7 @@ def test_approximation_study_and_cli(tmp_path):
     for options, message in [
         (["--budgets", "63"], "last round's pool has 62 samples"),  # 72 training samples - 6 - 1 x 4
         (["--tiny-pool", "3", "--tiny-budgets", "2,4"], "must not exceed the tiny pool of 3"),
+        (["--budgets", "", "--tiny-budgets", ""], "no query sizes to measure"),
     ]:
         bad = CliRunner().invoke(app, ["approx-ratio", str(cfg), "--no-progress", *options])
         assert bad.exit_code == 1 and bad.output.startswith("error:") and message in bad.output, bad.output
@@ -203,7 +206,10 @@ def test_approximation_ratios_reject_empty_queries_and_compare_zero_values():
 
     r, h, A, a, keys = _factors(n=6, seed=0)
     for budgets in ([0], [2, -1]):
-        with pytest.raises(ValueError, match="positive query sizes"):
+        with pytest.raises(ValueError, match="positive integer query sizes"):
+            approximation_ratios(r, h, A, a, True, budgets, keys)
+    for budgets in ([2.7], ["3"], [True]):  # never truncated or converted
+        with pytest.raises(ValueError, match=r"positive integer query sizes, got \["):
             approximation_ratios(r, h, A, a, True, budgets, keys)
     with pytest.raises(ValueError, match=r"query sizes \[7\] exceed the pool of 6"):
         approximation_ratios(r, h, A, a, True, [2, 7], keys)
@@ -213,3 +219,96 @@ def test_approximation_ratios_reject_empty_queries_and_compare_zero_values():
     row = approximation_ratios(r1, h1, np.zeros((1, 1)), np.zeros(1), False, [3], np.arange(4, dtype=np.uint64))[0]
     assert (row["greedy"], row["top_b"]) == (0.0, 1.0)
     assert row["ratio_greedy"] == np.inf and row["ratio"] == 1.0
+
+
+def _trained_mlp(seed=0):
+    torch.manual_seed(seed)
+    model = MLP((3,), 4, hidden=[6]).eval()
+    X = torch.randn(40, 3)
+    with torch.no_grad():  # a model that has learned something: large, confident logits
+        model.head.weight.mul_(4)
+    return model, X[:30].numpy(), X[30:].numpy(), torch.randint(0, 4, (10,)).numpy()
+
+
+def _brute_value(model, X_pool, X_lab, y_lab, rows):
+    """``||G_S + sum_rows g_u||^2`` over the head's parameters from autograd gradients, one
+    sample at a time: true labels for the labeled set, the argmax for the pool."""
+    total = 0
+    for x, t in [*zip(X_lab, y_lab), *((X_pool[u], None) for u in rows)]:
+        model.zero_grad()
+        logits = model(torch.from_numpy(x)[None]).double()
+        label = logits.argmax(1) if t is None else torch.tensor([int(t)])
+        F.cross_entropy(logits, label, reduction="sum").backward()
+        total = total + torch.cat([model.head.weight.grad.flatten(), model.head.bias.grad]).double()
+    return float(total @ total)
+
+
+def test_model_ratios_values_are_the_exact_objective_of_the_model():
+    from dynal.approximation import model_ratios
+
+    model, X_pool, X_lab, y_lab = _trained_mlp()
+    ids = np.arange(100, 130)
+    records = model_ratios(model, X_pool, X_lab, y_lab, budgets=[2, 5], tiny_pool=8, tiny_budgets=[2, 3], rng=0, ids=ids)
+    assert [(rec["pool"], rec["b"]) for rec in records] == [("full", 2), ("full", 5), ("tiny(8)", 2), ("tiny(8)", 3)]
+    for rec in records[:2]:
+        # the top-b set by brute force: the b largest single gains of autograd gradients
+        base = _brute_value(model, X_pool, X_lab, y_lab, [])
+        gains = np.array([_brute_value(model, X_pool, X_lab, y_lab, [u]) - base for u in range(30)])
+        top = np.argsort(-gains)[: rec["b"]]
+        assert rec["top_b"] == pytest.approx(_brute_value(model, X_pool, X_lab, y_lab, top), rel=1e-6)
+        assert rec["ratio_greedy"] == pytest.approx(rec["top_b"] / rec["greedy"])
+        assert rec["ratio"] == pytest.approx(rec["top_b"] / max(rec["top_b"], rec["greedy"]))
+    for rec in records[2:]:
+        assert 0 < rec["ratio_optimum"] <= 1 and rec["optimum"] >= max(rec["top_b"], rec["greedy"]) - 1e-9
+    # the same ids on permuted rows: the same records (ties and the sub-pool follow ids, not rows)
+    perm = np.random.default_rng(1).permutation(30)
+    again = model_ratios(model, X_pool[perm], X_lab, y_lab, [2, 5], 8, [2, 3], rng=0, ids=ids[perm])
+    for got, want in zip(again, records, strict=True):
+        assert got.keys() == want.keys() and got["pool"] == want["pool"]
+        assert [got[k] for k in want if k != "pool"] == pytest.approx([want[k] for k in want if k != "pool"], rel=1e-6)
+    assert model.training is False
+
+
+def test_model_ratios_reject_bad_input_before_the_pass():
+    from dynal.approximation import model_ratios
+
+    model, X_pool, X_lab, y_lab = _trained_mlp()
+    cases = [
+        ({"budgets": [2.5]}, "positive integer query sizes"),
+        ({"budgets": [], "tiny_budgets": []}, "no query sizes to measure"),
+        ({"tiny_pool": -1}, "tiny pool must be an integer from 1 to 20"),
+        ({"tiny_pool": 5.5}, "tiny pool must be an integer from 1 to 20"),
+        ({"tiny_pool": 21}, "tiny pool must be an integer from 1 to 20"),
+        ({"tiny_budgets": [5]}, "tiny budgets <= 4"),
+        ({"tiny_pool": 3, "tiny_budgets": [4]}, "must not exceed the tiny pool of 3"),
+        ({"budgets": [31]}, r"query sizes \[31\] exceed the pool of 30"),
+        ({"ids": np.zeros(30, dtype=int)}, "30 distinct integers"),
+        ({"ids": np.arange(29)}, "30 distinct integers"),
+        ({"y_labeled": np.full(10, 4)}, r"outside the class range \[0, 3\]"),
+        ({"y_labeled": y_lab[:9]}, "10 rows but y_labeled has 9"),
+        ({"X_pool": X_pool[:, 0]}, "X_pool must have a sample axis"),
+        ({"model": torch.nn.Linear(3, 4)}, "needs a `features` module and a `head`"),
+    ]
+    for change, message in cases:
+        args = {"model": model, "X_pool": X_pool, "X_labeled": X_lab, "y_labeled": y_lab, **change}
+        with pytest.raises(ValueError, match=message):
+            model_ratios(**args)
+    # no tiny budgets: the tiny pool is not read
+    assert {rec["pool"] for rec in model_ratios(model, X_pool, X_lab, y_lab, [1], tiny_pool=-1, tiny_budgets=[])} == {"full"}
+
+
+def test_approx_ratio_needs_no_strategies_and_says_which_it_ignores(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynal.cli import app
+
+    base = 'initial = 6\nbudget = 4\nrounds = 1\n[dataset]\nname = "blobs"\nn = 90\n[model]\nname = "mlp"\nhidden = [6]\n[train]\nepochs = 2\n'
+    outputs = {}
+    for name, extra in [("none", ""), ("listed", '[[strategies]]\nname = "bald"\n[[strategies]]\nname = "dynamical"\n')]:
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(base + extra)
+        result = CliRunner().invoke(app, ["approx-ratio", str(cfg), "--budgets", "1,3", "--tiny-pool", "8", "--no-progress"])
+        assert result.exit_code == 0, result.output + result.stderr
+        outputs[name] = (result.stdout, result.stderr)
+    assert outputs["none"][1] == "" and "['bald'] are not used" in outputs["listed"][1]
+    assert outputs["none"][0] == outputs["listed"][0]  # the same study: every round labels with dynamical

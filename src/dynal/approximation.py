@@ -10,21 +10,48 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from torch import nn
 from tqdm.auto import tqdm
 
 from dynal.data import load_dataset
+from dynal.data.arrays import check_inputs, check_labels
 from dynal.engine.topk import draw_salt, tie_keys
 from dynal.experiment import ExperimentConfig
-from dynal.loop import ActiveLearner
+from dynal.loop import ActiveLearner, check_model, gathered, pool_pass
 from dynal.models import model_factory
 from dynal.objective import exhaustive, greedy, set_value, top_b
 from dynal.strategies import DynamicAL
 
+# The exhaustive optimum's limits: C(20, 4) = 4,845 subsets.
+TINY_POOL_MAX, TINY_BUDGET_MAX = 20, 4
 
-def _check_budgets(budgets: Sequence[int], name: str) -> None:
-    bad = [b for b in budgets if int(b) < 1]
+
+def _integer(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_budgets(budgets: Sequence[int], name: str) -> list[int]:
+    """``budgets`` as ints; an error naming the bad ones unless all are positive integers."""
+    bad = [b for b in budgets if not _integer(b) or b < 1]
     if bad:
-        raise ValueError(f"{name} must be positive query sizes, got {bad}")
+        raise ValueError(f"{name} must be positive integer query sizes, got {bad}")
+    return [int(b) for b in budgets]
+
+
+def _check_plan(budgets: Sequence[int], tiny_pool: int, tiny_budgets: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The query sizes of a ratio measurement, checked: positive integers, at least one, and
+    tiny ones within the exhaustive optimum's reach and the tiny pool."""
+    budgets, tiny_budgets = _check_budgets(budgets, "budgets"), _check_budgets(tiny_budgets, "tiny budgets")
+    if not budgets and not tiny_budgets:
+        raise ValueError("no query sizes to measure: give budgets, tiny budgets or both")
+    if tiny_budgets:
+        if not _integer(tiny_pool) or not 1 <= tiny_pool <= TINY_POOL_MAX:
+            raise ValueError(f"the tiny pool must be an integer from 1 to {TINY_POOL_MAX} (the exhaustive optimum's reach), got {tiny_pool!r}")
+        if max(tiny_budgets) > TINY_BUDGET_MAX:
+            raise ValueError(f"the exhaustive optimum needs tiny budgets <= {TINY_BUDGET_MAX}, got {tiny_budgets}")
+        if max(tiny_budgets) > tiny_pool:
+            raise ValueError(f"tiny budgets {tiny_budgets} must not exceed the tiny pool of {tiny_pool}")
+    return budgets, tiny_budgets
 
 
 def _ratio(value: float, reference: float) -> float:
@@ -54,12 +81,12 @@ def approximation_ratios(
     ``optimum`` and ``ratio_optimum`` = ``G(top-b) / G(optimum)``. A ratio of 0 / 0 is 1.
     Every budget must be at most the pool's size.
     """
-    _check_budgets(budgets, "budgets")
-    too_large = [int(b) for b in budgets if int(b) > len(r)]
+    budgets = _check_budgets(budgets, "budgets")
+    too_large = [b for b in budgets if b > len(r)]
     if too_large:
         raise ValueError(f"query sizes {too_large} exceed the pool of {len(r)}")
     out = []
-    for b in map(int, budgets):
+    for b in budgets:
         t = set_value(r, h, A, a, bias, top_b(r, h, A, a, bias, b, keys))
         g = set_value(r, h, A, a, bias, greedy(r, h, A, a, bias, b, keys)[0])
         row = {"b": b, "top_b": t, "greedy": g, "ratio_greedy": _ratio(t, g)}
@@ -73,6 +100,75 @@ def approximation_ratios(
     return out
 
 
+def _records(
+    pool: dict[str, np.ndarray], stats: dict, budgets: list[int], tiny_pool: int, tiny_budgets: list[int], rng: np.random.Generator
+) -> list[dict]:
+    """The ratios of one pool's last-layer factors (``pool``: ``ids``, ``r``, ``h``; ``stats``:
+    ``A``, ``a``, ``head_bias``) on the whole pool for ``budgets`` and on a sub-pool of
+    ``tiny_pool`` ids drawn by ``rng`` for ``tiny_budgets``; ties break by keys drawn by ``rng``."""
+    args = (pool["r"], pool["h"], stats["A"], stats["a"], bool(stats["head_bias"]))
+    keys = tie_keys(pool["ids"], draw_salt(rng))
+    records = [{"pool": "full", **row} for row in approximation_ratios(*args, budgets, keys)]
+    if tiny_budgets:
+        by_id = np.argsort(pool["ids"], kind="stable")  # the same sub-pool whatever the rows' order
+        sub = by_id[rng.choice(len(keys), size=min(tiny_pool, len(keys)), replace=False)]
+        tiny = (args[0][sub], args[1][sub], *args[2:])
+        records += [{"pool": f"tiny({len(sub)})", **row} for row in approximation_ratios(*tiny, tiny_budgets, keys[sub], optimum=True)]
+    return records
+
+
+def model_ratios(
+    model: nn.Module,
+    X_pool: np.ndarray,
+    X_labeled: np.ndarray,
+    y_labeled: np.ndarray,
+    budgets: Sequence[int] = (1, 5, 10, 20, 50),
+    tiny_pool: int = 16,
+    tiny_budgets: Sequence[int] = (2, 3, 4),
+    rng: np.random.Generator | int | None = None,
+    ids: np.ndarray | None = None,
+    chunk_size: int = 1024,
+    progress: bool = False,
+) -> list[dict]:
+    """The approximation ratios of a trained model on a pool, as one round of
+    :func:`approximation_study` measures them.
+
+    Parameters
+    ----------
+    model : a trained model with ``features`` and a linear ``head`` (dynal's model contract)
+    X_pool : the unlabeled pool's inputs
+    X_labeled, y_labeled : the labeled set ``S`` with its true labels (for ``G_S``)
+    budgets : query sizes b on the whole pool (each at most its size)
+    tiny_pool, tiny_budgets : a random sub-pool of at most 20 samples and its query sizes (at
+        most 4) for the exhaustive optimum; no tiny budgets skip it
+    rng : the generator (or a seed) that draws the tie-break keys and the sub-pool
+    ids : the pool's dataset ids, which break ties (default ``0 .. N-1``)
+    chunk_size : rows per chunk of the pool pass
+
+    Returns
+    -------
+    One record per (pool, b) with the fields of :func:`approximation_ratios` and ``pool``
+    ("full", or "tiny(n)" for the sub-pool of n samples).
+    """
+    budgets, tiny_budgets = _check_plan(budgets, tiny_pool, tiny_budgets)
+    n_classes = getattr(getattr(model, "head", None), "out_features", None)  # a head of another form is checked in the pass
+    check_model(model, n_classes or 0, DynamicAL())
+    X_pool, X_labeled = check_inputs(X_pool, "X_pool"), check_inputs(X_labeled, "X_labeled")
+    y_labeled = check_labels(y_labeled, n_classes, "y_labeled")
+    if len(y_labeled) != len(X_labeled):
+        raise ValueError(f"X_labeled has {len(X_labeled)} rows but y_labeled has {len(y_labeled)} labels")
+    ids = np.arange(len(X_pool)) if ids is None else np.asarray(ids)
+    if ids.shape != (len(X_pool),) or ids.dtype.kind not in "iu" or len(np.unique(ids)) != len(ids):
+        raise ValueError(f"ids must be {len(X_pool)} distinct integers, one per pool row, got {ids.dtype} of shape {ids.shape}")
+    if max(budgets, default=0) > len(X_pool):
+        raise ValueError(f"query sizes {[b for b in budgets if b > len(X_pool)]} exceed the pool of {len(X_pool)}")
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    pool, stats = gathered(*pool_pass(model, X_pool, ids, ["last_layer_grad"], X_labeled, y_labeled, ["last_layer_grad_sum"], {},
+                                      rng, chunk_size, progress))
+    return _records(pool, stats, budgets, tiny_pool, tiny_budgets, rng)
+
+
 def approximation_study(
     config: ExperimentConfig,
     budgets: Sequence[int] = (1, 5, 10, 20, 50),
@@ -84,18 +180,14 @@ def approximation_study(
     """Run dynamicAL (last layer, top-b) on ``config``'s data and model and, each round,
     measure the approximation ratios on the whole pool for ``budgets`` and, against the
     exhaustive optimum, on a random sub-pool of ``tiny_pool`` samples for ``tiny_budgets``.
+    ``config.strategies`` is not used: every round labels with ``dynamical``'s defaults.
 
-    Returns one record per (round, pool, b) with the fields of :func:`approximation_ratios`
-    plus ``round``, ``n_labeled`` and ``pool`` ("full" or "tiny"). Every query size must fit
-    the last round's pool (``initial + rounds x budget`` samples fewer than the training set),
-    and the tiny budgets the tiny pool; both are checked before any training.
+    Returns one record per (round, pool, b) with the fields of :func:`model_ratios` plus
+    ``round`` and ``n_labeled``. Every query size must fit the last round's pool
+    (``initial + rounds x budget`` samples fewer than the training set), and the tiny budgets
+    the tiny pool; both are checked before any training.
     """
-    _check_budgets(budgets, "budgets")
-    _check_budgets(tiny_budgets, "tiny budgets")
-    if tiny_pool > 20 or max(tiny_budgets, default=0) > 4:
-        raise ValueError("the exhaustive optimum needs tiny_pool <= 20 and tiny budgets <= 4")
-    if max(tiny_budgets, default=0) > tiny_pool:
-        raise ValueError(f"tiny budgets {list(tiny_budgets)} must not exceed the tiny pool of {tiny_pool}")
+    budgets, tiny_budgets = _check_plan(budgets, tiny_pool, tiny_budgets)
     seed = config.seeds[0] if seed is None else seed
     data = load_dataset(**config.dataset)
     last_pool = len(data.train) - config.initial - config.rounds * config.budget
@@ -114,15 +206,8 @@ def approximation_study(
     for rnd in tqdm(range(config.rounds + 1), desc="approximation ratio", unit="round", disable=not progress):
         learner.fit()
         pool, stats = learner.scan(["last_layer_grad"], ["last_layer_grad_sum"])
-        args = (pool["r"], pool["h"], stats["A"], stats["a"], bool(stats["head_bias"]))
-        keys = tie_keys(pool["ids"], draw_salt(rng))
-        for row in approximation_ratios(*args, budgets, keys):
-            records.append({"round": rnd, "n_labeled": len(learner.labeled_ids()), "pool": "full", **row})
-        if tiny_budgets:
-            sub = rng.choice(len(pool["ids"]), size=min(tiny_pool, len(pool["ids"])), replace=False)
-            tiny = tuple(x[sub] for x in args[:2]) + args[2:]
-            for row in approximation_ratios(*tiny, tiny_budgets, keys[sub], optimum=True):
-                records.append({"round": rnd, "n_labeled": len(learner.labeled_ids()), "pool": f"tiny({len(sub)})", **row})
+        n_labeled = len(learner.labeled_ids())
+        records += [{"round": rnd, "n_labeled": n_labeled, **rec} for rec in _records(pool, stats, budgets, tiny_pool, tiny_budgets, rng)]
         if rnd < config.rounds:
             learner.update(learner.query(config.budget).ids)
     return records

@@ -50,6 +50,15 @@ class StrategySpec:
         return cls(item.pop("name"), label=item.pop("label", ""), params=item)
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The table of a TOML file; a clear error when it is not valid TOML."""
+    with open(path, "rb") as f:
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path} is not valid TOML: {err}") from None
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every strategy runs for every seed from the same initial set.
@@ -125,12 +134,7 @@ class ExperimentConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ExperimentConfig:
-        with open(path, "rb") as f:
-            try:
-                raw = tomllib.load(f)
-            except tomllib.TOMLDecodeError as err:
-                raise ValueError(f"{path} is not valid TOML: {err}") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_toml(path))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

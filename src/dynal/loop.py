@@ -82,6 +82,36 @@ def check_model(model: nn.Module, n_classes: int, strategy: Strategy) -> None:
         dropout_layers(model)
 
 
+def pool_pass(
+    model: nn.Module,
+    X: np.ndarray,
+    ids: np.ndarray,
+    outputs: Sequence[str],
+    X_labeled: np.ndarray,
+    y_labeled: np.ndarray,
+    labeled: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    rng: np.random.Generator,
+    chunk_size: int = 1024,
+    progress: bool = False,
+    rows: np.ndarray | None = None,
+) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, Any]]:
+    """The labeled set's statistics ``labeled`` and a lazy pass computing ``outputs`` over the
+    pool (the ``rows`` of ``X``, default all, with dataset ids ``ids``); ``rng`` seeds the
+    pass's torch generator."""
+    stats = labeled_stats(model, labeled, X_labeled, y_labeled)
+    ctx = Context(model, stats, torch.Generator().manual_seed(seed_from(rng)), options)
+    return pool_chunks(model, X, ids, outputs, ctx, chunk_size, progress, rows), stats
+
+
+def gathered(chunks: Iterator[dict[str, np.ndarray]], stats: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A :func:`pool_pass` run to its end: the pool's ``ids`` and outputs as whole arrays, and
+    the labeled-set statistics."""
+    with closing(chunks):
+        ids, arrays = gather(chunks)
+    return {"ids": ids, **arrays}, stats
+
+
 class ActiveLearner:
     """Pool-based active learning over a split with stable dataset ids.
 
@@ -265,10 +295,9 @@ class ActiveLearner:
               options: Mapping[str, Mapping[str, Any]]) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, Any]]:
         """The labeled-set statistics and a lazy pass over ``pool_ids`` computing ``outputs``."""
         assert self.model is not None
-        stats = labeled_stats(self.model, labeled, self.pool.X[self.pool.positions(self.labeled_ids())], self.labels())
-        ctx = Context(self.model, stats, torch.Generator().manual_seed(seed_from(self.rng)), options)
-        rows = self.pool.positions(pool_ids)
-        return pool_chunks(self.model, self.pool.X, pool_ids, outputs, ctx, self.chunk_size, self.progress, rows), stats
+        X_labeled = self.pool.X[self.pool.positions(self.labeled_ids())]
+        return pool_pass(self.model, self.pool.X, pool_ids, outputs, X_labeled, self.labels(), labeled, options,
+                         self.rng, self.chunk_size, self.progress, self.pool.positions(pool_ids))
 
     def scan(self, outputs: Sequence[str], labeled: Sequence[str] = (),
              options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -276,10 +305,7 @@ class ActiveLearner:
         statistics, e.g. ``scan(["probs"])``; for inspection and analysis, not for querying."""
         if self.model is None:
             raise ValueError("no model yet: call fit() first")
-        chunks, stats = self._pass(self.unlabeled_ids(), outputs, labeled, options or {})
-        with closing(chunks):
-            ids, arrays = gather(chunks)
-        return {"ids": ids, **arrays}, stats
+        return gathered(*self._pass(self.unlabeled_ids(), outputs, labeled, options or {}))
 
     def update(self, ids: np.ndarray, labels: np.ndarray | None = None) -> None:
         """Record labels for pool ids (from ``labels`` or the oracle), stamped with the current round."""

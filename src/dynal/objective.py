@@ -19,8 +19,11 @@ from dynal.engine.topk import argmax_tied
 
 
 def _budget(budget: int, n: int) -> int:
-    """The query size for a pool of ``n``: at most the pool; a clear error when negative."""
-    if int(budget) < 0:
+    """The query size for a pool of ``n``: at most the pool; a clear error unless a
+    non-negative integer."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise TypeError(f"the query size must be an integer, got {budget!r}")
+    if budget < 0:
         raise ValueError(f"the query size must be non-negative, got {budget}")
     return min(int(budget), n)
 
