@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import numpy as np
 import torch
@@ -80,12 +80,12 @@ def inference(model, X, chunk):
             model(torch.from_numpy(X[i : i + chunk]))
 
 
-def dynamical(model, X, chunk, params, stats, budget=BUDGET):
-    """The pool pass and top-b of one dynamicAL query, given the labeled-set statistics."""
-    strategy = DynamicAL(params=params)
+def query(model, X, chunk, strategy, stats, budget=BUDGET):
+    """The pool pass and selection of one query, given the labeled-set statistics."""
     ctx = Context(model, stats, torch.Generator(), strategy.output_options())
     chunks = pool_chunks(model, X, np.arange(len(X)), strategy.outputs, ctx, chunk)
-    return strategy.select(chunks, stats, budget, np.random.default_rng(0))
+    with closing(chunks):
+        return strategy.select(chunks, stats, budget, np.random.default_rng(0))
 
 
 def vmap_path(model, X, chunk, G):
@@ -201,8 +201,8 @@ def _setup(case: int, threads: int, n_pool: int | None = None, budget: int = BUD
     G = stats["all"]["G_S"]
     runs = {
         **{f"inference/{b}": (lambda b=b: inference(model, X, b)) for b in INFERENCE_BATCHES if b <= n},
-        "last": lambda: dynamical(model, X, chunk, "last", stats["last"], budget),
-        "all": lambda: dynamical(model, X, chunk, "all", stats["all"], budget),
+        "last": lambda: query(model, X, chunk, DynamicAL(params="last"), stats["last"], budget),
+        "all": lambda: query(model, X, chunk, DynamicAL(params="all"), stats["all"], budget),
         "vmap": lambda: vmap_path(model, X_mat, mat_chunk, G),
         "opacus": lambda: opacus_path(model, X_mat, mat_chunk, G),
     }
