@@ -185,17 +185,23 @@ INFERENCE_BATCHES = (16, 32, 64, 128, 256, 1024)
 MATERIALIZING = ("vmap", "opacus", "backpack")
 
 
-def _setup(case: int, threads: int, n_pool: int | None = None, budget: int = BUDGET) -> dict:
-    """The model, pool and labeled statistics of one case, and a callable per available path."""
+def case_data(case: int, threads: int, n_pool: int | None = None) -> tuple:
+    """One case's model, random pool ``X`` (``n_pool`` images, default the case's), labeled
+    set ``X_lab``, ``y_lab`` and chunk, with torch on ``threads`` threads."""
     torch.set_num_threads(threads)
-    label, name, params, shape, n_default, n_mat, chunk = CASES[case]
-    n = n_pool or n_default
+    _, name, params, shape, n_default, _, chunk = CASES[case]
     rng = np.random.default_rng(0)
     model = _model(name, params, shape)
-    X = rng.normal(size=(n, *shape)).astype(np.float32)
-    X_mat = X[:n_mat]
+    X = rng.normal(size=(n_pool or n_default, *shape)).astype(np.float32)
     X_lab = rng.normal(size=(N_LABELED, *shape)).astype(np.float32)
-    y_lab = rng.integers(0, 10, N_LABELED)
+    return model, X, X_lab, rng.integers(0, 10, N_LABELED), chunk
+
+
+def _setup(case: int, threads: int, n_pool: int | None = None, budget: int = BUDGET) -> dict:
+    """The model, pool and labeled statistics of one case, and a callable per available path."""
+    model, X, X_lab, y_lab, chunk = case_data(case, threads, n_pool)
+    name, n, n_mat = CASES[case][1], len(X), CASES[case][5]
+    X_mat = X[:n_mat]
     mat_chunk = 16 if name == "resnet18" else chunk
     stats = {p: labeled_stats(model, DynamicAL(params=p).labeled, X_lab, y_lab, batch_size=chunk) for p in ("last", "all")}
     G = stats["all"]["G_S"]

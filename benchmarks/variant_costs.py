@@ -26,9 +26,8 @@ from __future__ import annotations
 import platform
 import time
 
-import numpy as np
 import torch
-from engine_speed import BUDGET, CASES, INFERENCE_BATCHES, N_LABELED, _model, bench_cli, best_times, inference, query, write_report
+from engine_speed import BUDGET, CASES, INFERENCE_BATCHES, N_LABELED, bench_cli, best_times, case_data, inference, query, write_report
 
 from dynal.engine import labeled_stats
 from dynal.strategies import make_strategy
@@ -53,15 +52,8 @@ SETTLE = 0.5
 
 def timings(case: int, n_pool: int | None, threads: int, rounds: int) -> dict:
     """Best seconds of inference and of each variant's query, interleaved over ``rounds``."""
-    torch.set_num_threads(threads)
-    label, name, params, shape, n_default, _, chunk = CASES[case]
-    n = n_pool or n_default
-    rng = np.random.default_rng(0)
-    model = _model(name, params, shape)
-    X = rng.normal(size=(n, *shape)).astype(np.float32)
-    X_lab = rng.normal(size=(N_LABELED, *shape)).astype(np.float32)
-    y_lab = rng.integers(0, 10, N_LABELED)
-    runs = {f"inference/{b}": (lambda b=b: inference(model, X, b)) for b in INFERENCE_BATCHES if b <= n}
+    model, X, X_lab, y_lab, chunk = case_data(case, threads, n_pool)
+    runs = {f"inference/{b}": (lambda b=b: inference(model, X, b)) for b in INFERENCE_BATCHES if b <= len(X)}
     for variant, (strategy_name, options) in VARIANTS.items():
         strategy = make_strategy(strategy_name, **options)
         stats = labeled_stats(model, strategy.labeled, X_lab, y_lab, batch_size=chunk)
@@ -69,7 +61,7 @@ def timings(case: int, n_pool: int | None, threads: int, rounds: int) -> dict:
     runs["settle"] = lambda: (time.sleep(SETTLE), inference(model, X[: 2 * chunk], chunk))  # timed, not reported
     inference(model, X[: 2 * chunk], chunk)  # warm-up
     best = best_times(runs, {p: 1.0 for p in runs}, rounds)
-    return {"label": label, "n": n, "chunk": chunk, **best}
+    return {"label": CASES[case][0], "n": len(X), "chunk": chunk, **best}
 
 
 def main() -> None:
