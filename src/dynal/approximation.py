@@ -144,6 +144,7 @@ def model_ratios(
     rng : the generator (or a seed) that draws the tie-break keys and the sub-pool
     ids : the pool's dataset ids, which break ties (default ``0 .. N-1``)
     chunk_size : rows per chunk of the pool pass
+    progress : show a progress bar over the pool pass
 
     Returns
     -------
