@@ -12,9 +12,9 @@ query of b = 100 with each variant:
   all expected         params="all", pseudo_label="expected" (K backward passes)
   all train_term=0     params="all", train_term=0
 Each variant's labeled-set statistics are computed once beforehand (one pass over the labeled
-set, as in engine_speed.py). Greedy runs last in each round and is followed by half a second
-of sleep and an untimed inference pass, so that the next round does not start beside numpy's
-spinning threads. The table gives each variant's best time over the rounds as a
+set, as in engine_speed.py), and every path runs once untimed before the rounds. Greedy runs
+last in each round and is followed by half a second of sleep and an inference pass (neither
+reported), so that the next round does not start beside numpy's spinning threads. The table gives each variant's best time over the rounds as a
 multiple of inference's best: ratios taken side by side in one process, which hold on a
 loaded machine where absolute speeds do not.
 
@@ -45,8 +45,9 @@ VARIANTS = {
 # on 256 images (its "all expected" takes about ten times "all")
 MODELS = [(1, None), (2, None), (3, 256)]
 # Greedy's numpy arithmetic leaves numpy's BLAS threads spinning on the cores for a while: a
-# params="all" pass on the MLP right after it took 1.5x its time. So each round ends with an
-# untimed settle run (after greedy): this many seconds of sleep, then a warm-up inference.
+# params="all" pass on the MLP right after it took 1.5x its time. So each round ends with a
+# settle run after greedy (timed, not reported): this many seconds of sleep, then a warm-up
+# inference.
 SETTLE = 0.5
 
 
@@ -58,8 +59,9 @@ def timings(case: int, n_pool: int | None, threads: int, rounds: int) -> dict:
         strategy = make_strategy(strategy_name, **options)
         stats = labeled_stats(model, strategy.labeled, X_lab, y_lab, batch_size=chunk)
         runs[variant] = lambda s=strategy, st=stats: query(model, X, chunk, s, st)
-    runs["settle"] = lambda: (time.sleep(SETTLE), inference(model, X[: 2 * chunk], chunk))  # timed, not reported
-    inference(model, X[: 2 * chunk], chunk)  # warm-up
+    runs["settle"] = lambda: (time.sleep(SETTLE), inference(model, X[: 2 * chunk], chunk))
+    for run in runs.values():  # warm-up: a first params="all" query took 4x the next ones
+        run()
     best = best_times(runs, {p: 1.0 for p in runs}, rounds)
     return {"label": CASES[case][0], "n": len(X), "chunk": chunk, **best}
 
@@ -69,8 +71,8 @@ def main() -> None:
     lines = [
         f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; budget b = {BUDGET}, labeled set "
         f"M = {N_LABELED}; per model one fresh process runs inference and the variants interleaved, {args.rounds} "
-        "rounds (each ending with an untimed pause after greedy), and keeps each one's best; each variant's time as a "
-        "multiple of the fastest plain inference.",
+        "rounds after one untimed warm-up run of each (each round ending with a pause after greedy, not reported), "
+        "and keeps each one's best; each variant's time as a multiple of the fastest plain inference.",
         "",
         f"| model | pool | chunk | (a) inference img/s (batch) | {' | '.join(VARIANTS)} |",
         "|---|---|---|---|" + "---|" * len(VARIANTS),

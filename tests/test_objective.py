@@ -269,10 +269,17 @@ def test_model_ratios_values_are_the_exact_objective_of_the_model():
     assert model.training is False
 
 
-def test_model_ratios_reject_bad_input_before_the_pass():
+def test_model_ratios_reject_bad_input_before_the_pass(monkeypatch):
+    import dynal.approximation
     from dynal.approximation import model_ratios
 
     model, X_pool, X_lab, y_lab = _trained_mlp()
+    real_pass = dynal.approximation.pool_pass
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the pool pass ran")
+
+    monkeypatch.setattr(dynal.approximation, "pool_pass", no_pass)
     cases = [
         ({"budgets": [2.5]}, "positive integer query sizes"),
         ({"budgets": [], "tiny_budgets": []}, "no query sizes to measure"),
@@ -288,13 +295,26 @@ def test_model_ratios_reject_bad_input_before_the_pass():
         ({"y_labeled": y_lab[:9]}, "10 rows but y_labeled has 9"),
         ({"X_pool": X_pool[:, 0]}, "X_pool must have a sample axis"),
         ({"model": torch.nn.Linear(3, 4)}, "needs a `features` module and a `head`"),
+        ({"X_pool": X_pool[:2], "budgets": [1], "tiny_budgets": [2, 3]}, r"tiny budgets \[3\] exceed the pool of 2"),
+        ({"X_pool": np.zeros((30, 5))}, r"X_pool's samples have shape \(5,\) but X_labeled's \(3,\)"),
+        ({"chunk_size": 0}, "chunk_size must be a positive integer"),
     ]
     for change, message in cases:
         args = {"model": model, "X_pool": X_pool, "X_labeled": X_lab, "y_labeled": y_lab, **change}
         with pytest.raises(ValueError, match=message):
             model_ratios(**args)
-    # no tiny budgets: the tiny pool is not read
-    assert {rec["pool"] for rec in model_ratios(model, X_pool, X_lab, y_lab, [1], tiny_pool=-1, tiny_budgets=[])} == {"full"}
+    with pytest.raises(TypeError, match="budgets must be a sequence of query sizes, e.g. \\[5\\], got 5"):
+        model_ratios(model, X_pool, X_lab, y_lab, budgets=5)
+    monkeypatch.setattr(dynal.approximation, "pool_pass", real_pass)
+    # no tiny budgets: the tiny pool is not read; budgets may be any iterable
+    records = model_ratios(model, X_pool, X_lab, y_lab, (b for b in [1, 2]), tiny_pool=-1, tiny_budgets=[])
+    assert [(rec["pool"], rec["b"]) for rec in records] == [("full", 1), ("full", 2)]
+    model.train()  # the pass runs in eval mode and gives the model its mode back
+    assert model_ratios(model, X_pool, X_lab, y_lab, [2], tiny_budgets=[]) == records[1:] and model.training
+    # a head that is not W h + b: the last-layer objective does not exist, said in the pass
+    model.eval().head = torch.nn.Sequential(model.head, torch.nn.Tanh())
+    with pytest.raises(ValueError, match="only dynamicAL with params='all' differentiates any head"):
+        model_ratios(model, X_pool, X_lab, y_lab, [2])
 
 
 def test_approx_ratio_needs_no_strategies_and_says_which_it_ignores(tmp_path):
@@ -304,11 +324,22 @@ def test_approx_ratio_needs_no_strategies_and_says_which_it_ignores(tmp_path):
 
     base = 'initial = 6\nbudget = 4\nrounds = 1\n[dataset]\nname = "blobs"\nn = 90\n[model]\nname = "mlp"\nhidden = [6]\n[train]\nepochs = 2\n'
     outputs = {}
-    for name, extra in [("none", ""), ("listed", '[[strategies]]\nname = "bald"\n[[strategies]]\nname = "dynamical"\n')]:
+    listed = '[[strategies]]\nname = "bald"\n[[strategies]]\nname = "dynamical"\n'
+    for name, text in [("none", base), ("listed", base + listed), ("empty", "strategies = []\n" + base)]:
         cfg = tmp_path / f"{name}.toml"
-        cfg.write_text(base + extra)
+        cfg.write_text(text)
         result = CliRunner().invoke(app, ["approx-ratio", str(cfg), "--budgets", "1,3", "--tiny-pool", "8", "--no-progress"])
         assert result.exit_code == 0, result.output + result.stderr
         outputs[name] = (result.stdout, result.stderr)
-    assert outputs["none"][1] == "" and "['bald'] are not used" in outputs["listed"][1]
-    assert outputs["none"][0] == outputs["listed"][0]  # the same study: every round labels with dynamical
+    assert outputs["none"][1] == outputs["empty"][1] == "" and "['bald'] are not used" in outputs["listed"][1]
+    # the same study: every round labels with dynamical
+    assert outputs["none"][0] == outputs["listed"][0] == outputs["empty"][0]
+
+
+def test_unused_strategies_names_all_but_dynamicals_defaults():
+    from dynal.approximation import unused_strategies
+
+    assert unused_strategies([]) == [] and unused_strategies(["dynamical"]) == []
+    assert unused_strategies([{"name": "dynamical", "params": "last", "train_term": 2, "label": "paper"}]) == []
+    listed = ["random", {"name": "dynamical", "params": "all", "label": "dyn-all"}, {"name": "nosuch", "label": "x"}, "typo"]
+    assert unused_strategies(listed) == ["random", "dyn-all", "x", "typo"]  # invalid ones named, not validated

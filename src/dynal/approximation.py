@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 from dynal.data import load_dataset
 from dynal.data.arrays import check_inputs, check_labels
 from dynal.engine.topk import draw_salt, tie_keys
-from dynal.experiment import ExperimentConfig
+from dynal.experiment import ExperimentConfig, StrategySpec
 from dynal.loop import ActiveLearner, check_model, gathered, pool_pass
 from dynal.models import model_factory
 from dynal.objective import exhaustive, greedy, set_value, top_b
-from dynal.strategies import DynamicAL
+from dynal.strategies import DynamicAL, make_strategy
 
 # The exhaustive optimum's limits: C(20, 4) = 4,845 subsets.
 TINY_POOL_MAX, TINY_BUDGET_MAX = 20, 4
@@ -32,6 +32,9 @@ def _integer(value: object) -> bool:
 
 def _check_budgets(budgets: Sequence[int], name: str) -> list[int]:
     """``budgets`` as ints; an error naming the bad ones unless all are positive integers."""
+    if _integer(budgets) or isinstance(budgets, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of query sizes, e.g. [5], got {budgets!r}")
+    budgets = list(budgets)
     bad = [b for b in budgets if not _integer(b) or b < 1]
     if bad:
         raise ValueError(f"{name} must be positive integer query sizes, got {bad}")
@@ -155,14 +158,19 @@ def model_ratios(
     n_classes = getattr(getattr(model, "head", None), "out_features", None)  # a head of another form is checked in the pass
     check_model(model, n_classes or 0, DynamicAL())
     X_pool, X_labeled = check_inputs(X_pool, "X_pool"), check_inputs(X_labeled, "X_labeled")
+    if X_pool.shape[1:] != X_labeled.shape[1:]:
+        raise ValueError(f"X_pool's samples have shape {X_pool.shape[1:]} but X_labeled's {X_labeled.shape[1:]}")
     y_labeled = check_labels(y_labeled, n_classes, "y_labeled")
     if len(y_labeled) != len(X_labeled):
         raise ValueError(f"X_labeled has {len(X_labeled)} rows but y_labeled has {len(y_labeled)} labels")
+    if not _integer(chunk_size) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     ids = np.arange(len(X_pool)) if ids is None else np.asarray(ids)
     if ids.shape != (len(X_pool),) or ids.dtype.kind not in "iu" or len(np.unique(ids)) != len(ids):
         raise ValueError(f"ids must be {len(X_pool)} distinct integers, one per pool row, got {ids.dtype} of shape {ids.shape}")
-    if max(budgets, default=0) > len(X_pool):
-        raise ValueError(f"query sizes {[b for b in budgets if b > len(X_pool)]} exceed the pool of {len(X_pool)}")
+    for what, sizes in (("query sizes", budgets), ("tiny budgets", tiny_budgets)):
+        if max(sizes, default=0) > len(X_pool):
+            raise ValueError(f"{what} {[b for b in sizes if b > len(X_pool)]} exceed the pool of {len(X_pool)}")
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     pool, stats = gathered(*pool_pass(model, X_pool, ids, ["last_layer_grad"], X_labeled, y_labeled, ["last_layer_grad_sum"], {},
@@ -212,6 +220,23 @@ def approximation_study(
         if rnd < config.rounds:
             learner.update(learner.query(config.budget).ids)
     return records
+
+
+def unused_strategies(listed: object) -> list[str]:
+    """The entries of a config's ``strategies`` that :func:`approximation_study` does not run
+    (all but ``dynamical`` with its default parameters), by label or name; entries that are
+    not valid strategies are named too, since nothing reads them."""
+    default = DynamicAL().config()
+    unused = []
+    for entry in listed if isinstance(listed, list) else [listed]:
+        try:
+            spec = StrategySpec.parse(entry)
+        except (TypeError, ValueError):
+            unused.append(str(entry.get("label") or entry.get("name")) if isinstance(entry, dict) else str(entry))
+            continue
+        if spec.name != "dynamical" or make_strategy(spec.name, **spec.params).config() != default:
+            unused.append(spec.label)
+    return unused
 
 
 def ratio_table(records: list[dict]) -> str:

@@ -106,7 +106,7 @@ def approx_ratio(
     """The paper's RQ2: G(S + top-b) against greedy and the exhaustive optimum, per round and b.
 
     Each round labels with dynamical (top-b, last layer); the config's strategies are not used."""
-    from dynal.approximation import approximation_study, ratio_table
+    from dynal.approximation import approximation_study, ratio_table, unused_strategies
 
     def ints(text: str, option: str) -> list[int]:
         try:
@@ -120,9 +120,8 @@ def approx_ratio(
     budget_list, tiny_list = ints(budgets, "--budgets"), ints(tiny_budgets, "--tiny-budgets")
     with _user_errors():
         raw = read_toml(config)
-        raw.setdefault("strategies", ["dynamical"])
-        cfg = ExperimentConfig.from_dict(raw)
-        unused = [s.label for s in cfg.strategies if s.name != "dynamical" or s.params]
+        unused = unused_strategies(raw.pop("strategies", []))
+        cfg = ExperimentConfig.from_dict({**raw, "strategies": ["dynamical"]})
         if unused:
             typer.echo(f"note: approx-ratio labels with dynamical's defaults; the config's strategies {unused} are not used", err=True)
         records = approximation_study(cfg, budget_list, tiny_pool, tiny_list, seed, progress)

@@ -131,7 +131,7 @@ def _not_linear(head: nn.Module) -> ValueError:
     return ValueError(
         f"the last-layer gradient needs model.head(features) = W h + b, and model.head ({type(head).__name__}) "
         "computes something else (its own forward, or a hook that changes its input or output); "
-        "dynamicAL with params='all' differentiates any head"
+        "of dynal's strategies only dynamicAL with params='all' differentiates any head"
     )
 
 
