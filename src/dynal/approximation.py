@@ -21,21 +21,18 @@ from dynal.loop import ActiveLearner, check_model, gathered, pool_pass
 from dynal.models import model_factory
 from dynal.objective import exhaustive, greedy, set_value, top_b
 from dynal.strategies import DynamicAL, make_strategy
+from dynal.validation import is_integer
 
 # The exhaustive optimum's limits: C(20, 4) = 4,845 subsets.
 TINY_POOL_MAX, TINY_BUDGET_MAX = 20, 4
 
 
-def _integer(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_budgets(budgets: Sequence[int], name: str) -> list[int]:
     """``budgets`` as ints; an error naming the bad ones unless all are positive integers."""
-    if _integer(budgets) or isinstance(budgets, (str, bytes)):
+    if is_integer(budgets) or isinstance(budgets, (str, bytes)):
         raise TypeError(f"{name} must be a sequence of query sizes, e.g. [5], got {budgets!r}")
     budgets = list(budgets)
-    bad = [b for b in budgets if not _integer(b) or b < 1]
+    bad = [b for b in budgets if not is_integer(b) or b < 1]
     if bad:
         raise ValueError(f"{name} must be positive integer query sizes, got {bad}")
     return [int(b) for b in budgets]
@@ -48,7 +45,7 @@ def _check_plan(budgets: Sequence[int], tiny_pool: int, tiny_budgets: Sequence[i
     if not budgets and not tiny_budgets:
         raise ValueError("no query sizes to measure: give budgets, tiny budgets or both")
     if tiny_budgets:
-        if not _integer(tiny_pool) or not 1 <= tiny_pool <= TINY_POOL_MAX:
+        if not is_integer(tiny_pool) or not 1 <= tiny_pool <= TINY_POOL_MAX:
             raise ValueError(f"the tiny pool must be an integer from 1 to {TINY_POOL_MAX} (the exhaustive optimum's reach), got {tiny_pool!r}")
         if max(tiny_budgets) > TINY_BUDGET_MAX:
             raise ValueError(f"the exhaustive optimum needs tiny budgets <= {TINY_BUDGET_MAX}, got {tiny_budgets}")
@@ -163,7 +160,7 @@ def model_ratios(
     y_labeled = check_labels(y_labeled, n_classes, "y_labeled")
     if len(y_labeled) != len(X_labeled):
         raise ValueError(f"X_labeled has {len(X_labeled)} rows but y_labeled has {len(y_labeled)} labels")
-    if not _integer(chunk_size) or chunk_size < 1:
+    if not is_integer(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     ids = np.arange(len(X_pool)) if ids is None else np.asarray(ids)
     if ids.shape != (len(X_pool),) or ids.dtype.kind not in "iu" or len(np.unique(ids)) != len(ids):

@@ -21,6 +21,7 @@ from dynal.resources import Measure
 from dynal.strategies import Strategy, make_strategy
 from dynal.strategies.collect import gather
 from dynal.training import FitResult, TrainConfig, build_model, evaluate, fit, seed_from
+from dynal.validation import is_integer
 
 Oracle = Callable[[np.ndarray], np.ndarray]
 
@@ -218,7 +219,7 @@ class ActiveLearner:
         if self.state.labels:
             raise ValueError("the learner is already initialized")
         with self._draws():
-            if isinstance(n_or_ids, (int, np.integer)) and not isinstance(n_or_ids, bool):
+            if is_integer(n_or_ids):
                 n, candidates = int(n_or_ids), np.sort(self.unlabeled_ids())  # sorted: pool order does not matter
                 if not 0 < n <= len(candidates):
                     raise ValueError(f"initial size must be in [1, {len(candidates)}] (the ids not ignored), got {n}")
@@ -264,7 +265,7 @@ class ActiveLearner:
         With fewer than ``budget`` ids left, all that remain are returned with a warning, or
         a ``ValueError`` is raised if ``strict``. Ids are never duplicated.
         """
-        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        if not is_integer(budget):
             raise TypeError(f"budget must be an integer, got {budget!r}")
         if budget <= 0:
             raise ValueError(f"budget must be positive, got {budget}")

@@ -16,12 +16,13 @@ from itertools import combinations
 import numpy as np
 
 from dynal.engine.topk import argmax_tied
+from dynal.validation import is_integer
 
 
 def _budget(budget: int, n: int) -> int:
     """The query size for a pool of ``n``: at most the pool; a clear error unless a
     non-negative integer."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+    if not is_integer(budget):
         raise TypeError(f"the query size must be an integer, got {budget!r}")
     if budget < 0:
         raise ValueError(f"the query size must be non-negative, got {budget}")

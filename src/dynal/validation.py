@@ -6,6 +6,8 @@ import dataclasses
 import numbers
 from typing import Any
 
+import numpy as np
+
 # annotation (as a string, under ``from __future__ import annotations``) -> accepted types
 _SIMPLE: dict[str, tuple[type, ...]] = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,)}
 
@@ -18,3 +20,8 @@ def check_field_types(obj: Any) -> None:
         value = getattr(obj, f.name)
         if kinds is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
             raise TypeError(f"{f.name} must be {'a number' if f.type == 'float' else 'a ' + f.type}, got {value!r}")
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is a Python or numpy integer (a bool is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

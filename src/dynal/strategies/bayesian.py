@@ -9,6 +9,7 @@ import numpy as np
 from scipy.special import entr
 
 from dynal.strategies.base import ScoreStrategy
+from dynal.validation import is_integer
 
 
 def mutual_information(mc_probs: np.ndarray) -> np.ndarray:
@@ -42,7 +43,7 @@ class BALD(ScoreStrategy):
     outputs = ("mc_probs",)
 
     def __init__(self, passes: int = 20) -> None:
-        if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 2:
+        if not is_integer(passes) or passes < 2:
             raise ValueError(f"passes must be an integer >= 2, got {passes!r}")
         self.passes = int(passes)
 

@@ -20,6 +20,7 @@ import numpy as np
 from dynal.engine.topk import argmax_tied, draw_salt, tie_keys
 from dynal.strategies.base import Chunks, ScoreStrategy, Strategy
 from dynal.strategies.collect import floor_sq_dists, gather
+from dynal.validation import is_integer
 
 # Largest temporary block formed at once, in float64 entries (8 MB).
 _BLOCK = 1 << 20
@@ -311,7 +312,7 @@ class BAIT(Strategy):
             raise ValueError(f"oversample must be a finite number >= 1, got {oversample}")
         if not np.isfinite(reg) or reg <= 0:
             raise ValueError(f"reg must be a finite number > 0, got {reg}")
-        if isinstance(max_dim, bool) or not isinstance(max_dim, (int, np.integer)) or max_dim < 1:
+        if not is_integer(max_dim) or max_dim < 1:
             raise ValueError(f"max_dim must be a positive integer, got {max_dim!r}")
         self.fisher = fisher
         self.oversample = float(oversample)
