@@ -2112,6 +2112,117 @@ def test_the_first_batch_check_compares_two_samples_not_only_the_largest():
     assert "lin (Linear)" in message and "lin" not in [name for name, _ in stats.covered]
 
 
+class DeadOnBlanks(nn.Module):
+    """A Linear whose every unit a ReLU kills on a blank (all-zero) input, which the head's bias
+    makes the least certain sample: on blank samples its gradient is zero, so the check must
+    look at another sample to see that the layer's own formula is wrong (its output changed by a
+    hook, or its weight used again outside it)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.fc.bias.fill_(-0.5)
+            self.fc.weight.abs_()
+            self.head.bias.copy_(torch.tensor([0.3, 0.0, -4.0]))
+        if kind == "hook":
+            self.fc.register_forward_hook(lambda m, args, out: 2 * out)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        if self.kind == "weight used":
+            h = h + torch.tanh(F.linear(h, self.fc.weight))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("kind", ["hook", "weight used"])
+def test_a_layer_without_gradient_on_the_largest_samples_is_checked_where_it_has_one(kind):
+    torch.manual_seed(0)
+    model = DeadOnBlanks(kind).eval()
+    X_pool = torch.randn(6, 4) + 2.0
+    X_pool[:2] = 0.0  # two blank samples
+    X_lab, y_lab = torch.randn(4, 4) + 2.0, torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        p = torch.softmax(model(X_pool).double(), 1)
+    size = param_grads.residuals(p, p.argmax(1)).norm(dim=1)
+    assert set(size.argsort(descending=True)[:2].tolist()) == {0, 1}  # the blanks come first
+    stats, message = _check_against_reference(model, X_lab, y_lab, X_pool)
+    assert "layer fc (Linear)" in message and "fc" not in dict(stats.covered)
+
+
+@pytest.mark.parametrize("kind", ["hook", "weight used"])
+def test_a_layer_without_gradient_on_the_checked_batch_is_checked_on_a_later_one(kind):
+    torch.manual_seed(0)
+    model = DeadOnBlanks(kind).eval()
+    X_lab, y_lab = torch.randn(4, 4) + 2.0, torch.tensor([0, 1, 2, 0])
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    stats = ParamGradStats(model, G)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats(-torch.rand(3, 4))  # distinct samples, on each of which the ReLU after fc is dead
+    assert stats.checked and ("layer", "fc") in stats.unseen
+    X_pool = torch.randn(5, 4) + 2.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        norm, cross = stats(X_pool)
+    assert "layer fc (Linear)" in " ".join(str(w.message) for w in caught)
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+
+
+def test_a_batch_of_copies_leaves_the_check_to_the_next_batch():
+    # on copies of one sample a model that reverses its samples gives every row the right
+    # statistics; only a batch of distinct samples can show that it moves them
+    torch.manual_seed(55)
+    model = Flipped().eval()
+    X_lab, y_lab, X_pool = torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), torch.randn(4, 4)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    stats = ParamGradStats(model, G)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats(X_pool[:1].repeat(3, 1))
+    assert not stats.checked
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        norm, cross = stats(X_pool)
+    assert "lin (Linear)" in " ".join(str(w.message) for w in caught)
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+
+
+class Scaled(nn.Module):
+    """A learnable 0-dim logit scale, on the model itself or on a module of its own."""
+
+    def __init__(self, own_module: bool):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.holder = nn.Module() if own_module else None
+        setattr(self.holder or self, "scale", nn.Parameter(torch.tensor(1.5)))
+
+    def forward(self, x):
+        return self.lin(x) * (self.holder or self).scale
+
+
+@pytest.mark.parametrize("own_module", [False, True])
+def test_zero_dimensional_parameters_take_the_general_path(own_module):
+    torch.manual_seed(56)
+    X_lab, y_lab, X_pool = torch.randn(5, 4), torch.randint(0, 3, (5,)), torch.randn(6, 4)
+    stats, message = _check_against_reference(Scaled(own_module), X_lab, y_lab, X_pool)
+    assert ("holder (Module)" if own_module else "model (Scaled)") in message
+
+
+def test_the_labeled_gradient_is_checked_and_cast_to_the_parameters():
+    torch.manual_seed(57)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).eval()
+    X_lab, y_lab, X_pool = torch.randn(5, 2, 6), torch.randint(0, 3, (5,)), torch.randn(6, 2, 6)
+    G = param_grad_sum(model, X_lab.numpy(), y_lab.numpy(), 2)["G_S"]
+    norm, cross = ParamGradStats(model, {n: g.double() for n, g in G.items()})(X_pool)  # float64 for float32
+    _assert_reference(norm, cross, model, X_lab, y_lab, X_pool)
+    with pytest.raises(ValueError, match=r"no entry for the trainable parameter '3\.bias'"):
+        ParamGradStats(model, {n: g for n, g in G.items() if n != "3.bias"})
+    with pytest.raises(ValueError, match=r"G\['0\.weight'\] has shape \(3, 2\), but the parameter has shape \(3, 2, 3\)"):
+        ParamGradStats(model, {**G, "0.weight": torch.zeros(3, 2)})
+
+
 @pytest.mark.parametrize("option", [{"add_bias_kv": True}, {"add_zero_attn": True}])
 def test_attention_with_extra_keys_is_named_up_front_and_replayed(option):
     # bias_k/bias_v or a zero attention are not in the closed form: the constructor names the

@@ -238,11 +238,28 @@ def _grad_stats(g: dict[str, torch.Tensor], G: dict[str, torch.Tensor] | None) -
     """Norm and cross term (float64) from materialized per-sample gradients ``{name: (n, ...)}``,
     summed in at least float32, which a float16 layer's gradients do not overflow."""
     wide = {k: torch.promote_types(v.dtype, torch.float32) for k, v in g.items()}
-    norm = sum(torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=wide[k]).square() for k, v in g.items()).double()
+    rows = {k: v.reshape(len(v), -1) for k, v in g.items()}  # a 0-dim parameter's gradients are (n,)
+    norm = sum(torch.linalg.vector_norm(v, dim=1, dtype=wide[k]).square() for k, v in rows.items()).double()
     if G is None:
         return norm, torch.zeros_like(norm)
-    cross = sum(v.flatten(1).to(wide[k]) @ G[k].flatten().to(wide[k]) for k, v in g.items()).double()
+    cross = sum(v.to(wide[k]) @ G[k].flatten().to(wide[k]) for k, v in rows.items()).double()
     return norm, cross
+
+
+def _parameter_vector(model: nn.Module, G: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``G`` checked to hold one tensor per trainable parameter, of its shape, and cast to its
+    dtype (as :func:`param_grad_sum` gives it)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name not in G:
+            raise ValueError(f"G has no entry for the trainable parameter {name!r}")
+        g = torch.as_tensor(G[name])
+        if g.shape != p.shape:
+            raise ValueError(f"G[{name!r}] has shape {tuple(g.shape)}, but the parameter has shape {tuple(p.shape)}")
+        out[name] = g.detach().to(p.dtype)
+    return out
 
 
 @contextmanager
@@ -945,10 +962,13 @@ class ParamGradStats:
     (one used directly by the model's own ``forward``, or tied between modules) take
     ``torch.func`` on the whole model.
 
-    The first batch of two samples or more with a nonzero gradient (passes take two samples at
-    least until then; a batch of one sample checks that one, once) checks the fast path against
-    the slow one: for its two samples with the largest ``||r||``, each covered layer's and each
-    module's two statistics are compared with a one-sample autograd pass of the whole model. A
+    The first batch of two distinct samples or more with a nonzero gradient (passes take two
+    samples at least until then; a batch of one sample, or of copies of one, checks that one,
+    once) checks the fast path against the slow one: for its two distinct samples with the
+    largest ``||r||`` (and, for a layer with next to no gradient on both, the first sample, of
+    that batch or a later one, where it holds more than 1e-3 of the norm), each covered layer's
+    and each module's two statistics are compared with a one-sample autograd pass of the whole
+    model. A
     layer that disagrees (its weight also used outside its own forward, a hook that changes its
     output, a sample axis that the probe could not tell, samples moved between rows) or that
     runs more than once per forward pass moves to the general path, and a module that
@@ -959,7 +979,9 @@ class ParamGradStats:
     Parameters
     ----------
     model : the network, used in eval mode
-    G : the fixed vector as ``{parameter name: tensor}``, or ``None`` to skip the cross term
+    G : the fixed vector as ``{parameter name: tensor}``, one of its shape per trainable
+        parameter (cast to its dtype; an error names a missing or misshapen one), or ``None``
+        to skip the cross term
     forward_batch : samples per pass that keep the largest layer output near 8 MB, as
         :func:`param_grad_sum` measured it; measured on the first call when ``None``
     """
@@ -967,11 +989,12 @@ class ParamGradStats:
     def __init__(self, model: nn.Module, G: dict[str, torch.Tensor] | None, forward_batch: int | None = None) -> None:
         check_per_sample(model)
         self.model = model
-        self.G = G
+        self.G = None if G is None else _parameter_vector(model, G)
         self.clone_outputs = False
         self.checked = False  # the fast path was compared with the one-sample reference on two samples
         self.checked_alone = None  # the fast path's layout when a batch of one sample last checked it
         self.unchecked_idle: set[str] = set()  # covered layers that did not run on the batch that checked
+        self.unseen: set[tuple[str, str]] = set()  # layers and modules with next to no gradient where checked
         self.loop_fallback = False  # torch.func failed on this model: one sample at a time
         self.forward_batch = forward_batch
         self.failed_modules: set[str] = set()  # modules whose own replay cannot be trusted
@@ -1378,15 +1401,17 @@ class ParamGradStats:
                     return self._batch(x, pseudo_label)
                 norm += w_norm * replayed[-1][0]
                 cross += w_cross * replayed[-1][1]
-            if self._check_due(len(x)):
-                wrong = self._disagreeing(x, r, layers, replayed)
-                if wrong is not None and len(x) == 1:
-                    self.checked_alone = self._layout()
-                elif wrong is not None:  # None: r is zero on this batch, check the next
-                    self.checked = True
-                    self.unchecked_idle = {name for (name, _), rec in zip(self.covered, records) if not rec}
-                    for u in self.units:
-                        u.checked = True
+            follow_up = bool(self.unseen) and not self._pending()
+            if follow_up or self._check_due(len(x)):
+                wrong, distinct = self._disagreeing(x, r, layers, replayed, follow_up)
+                if not follow_up and wrong is not None:  # None: r is zero on this batch, check the next
+                    if distinct < 2:  # one sample (or copies of it): once per layout
+                        self.checked_alone = self._layout()
+                    else:
+                        self.checked = True
+                        self.unchecked_idle = {name for (name, _), rec in zip(self.covered, records) if not rec}
+                        for u in self.units:
+                            u.checked = True
                 if wrong:
                     layers_wrong = [name for name, _ in self.covered if ("layer", name) in wrong]
                     units_wrong = [u.name for u in self.units if ("module", u.name) in wrong]
@@ -1434,34 +1459,54 @@ class ParamGradStats:
         model that moves its samples between rows, which gets one sample right)."""
         return self._pending() and (n >= 2 or self.checked_alone != self._layout())
 
-    def _disagreeing(self, x: torch.Tensor, r: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor | None]], replayed: list[tuple[torch.Tensor, torch.Tensor]]) -> set[tuple[str, str]] | None:
+    def _disagreeing(self, x: torch.Tensor, r: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor | None]], replayed: list[tuple[torch.Tensor, torch.Tensor]], follow_up: bool = False) -> tuple[set[tuple[str, str]] | None, int]:
         """Covered layers (before the first check) and modules replaying their calls (each one's
         first time) whose statistics differ from a one-sample autograd pass (by more than 1e-3
         relative to the layer's share, or 1e-5 of the sample's total, both eight times the
         dtype's rounding where that is larger, or what squares of values near the dtype's
-        smallest normal number lose), on the two samples with the largest ``||r||`` (the one of
-        a batch of one); ``None`` when ``r`` is zero there, so that nothing can be compared (a
-        batch the model is so sure of that ``r`` underflows). Named as ``("layer", name)`` and
-        ``("module", name)``."""
+        smallest normal number lose), named as ``("layer", name)`` and ``("module", name)``, and
+        how many distinct samples were compared (at most two).
+
+        The samples compared are the one with the largest ``||r||`` and the next largest whose
+        input differs from it (a copy would repeat the comparison), and then, for each layer or
+        module that holds at most 1e-4 of the fast path's norm on both (a ReLU after it dead for
+        them; an error of 10% in its statistics would pass there), the sample of the batch
+        where it holds the largest share, if that is more than 1e-3. Those still unseen are
+        kept in ``unseen`` and, with ``follow_up`` (on the batches after the check), compared
+        on such a sample alone, so that a gradient of zero where the check looked does not
+        pass it unseen. ``None`` when ``r`` is zero on the first sample, so that nothing can be
+        compared (a batch the model is so sure of that ``r`` underflows)."""
         G = self.G
         entries = []  # (name, parameters, their parts of G, fast norm, fast cross)
-        if not self.checked:
-            for l, (name, m) in enumerate(self.covered):
+        for l, (name, m) in enumerate(self.covered):
+            if not self.checked or ("layer", name) in self.unseen:
                 own = _trainable(m)
                 parts = [self.G_layers[l][pn] for pn, _ in own] if G is not None else None
                 entries.append((("layer", name), [p for _, p in own], parts, *layers[l]))
         for unit, (n_u, c_u) in zip(self.units, replayed):
-            if not unit.checked:
+            if not unit.checked or ("module", unit.name) in self.unseen:
                 own = [(full, unit.module.get_parameter(rel)) for rel, full in unit.params.items()]
                 entries.append((("module", unit.name), [p for _, p in own], [G[full] for full, _ in own] if G is not None else None, n_u, c_u if G is not None else None))
         if not entries:
-            return set()
+            self.unseen = set()
+            return set(), min(2, len(x))
         floor = min(1e6 * torch.finfo(r.dtype).tiny, 1e-30)
         # wider for bfloat16 and float16 layers or logits
         rtols = [max(1e-3, 8 * torch.finfo(r.dtype).eps, *(8 * torch.finfo(p.dtype).eps for p in ps)) for _, ps, _, _, _ in entries]
-        size, picks = torch.topk(r.double().norm(dim=1), min(2, len(x)))
-        if not size.any():
-            return None
+        fast = torch.stack([n_e.double() for _, _, _, n_e, _ in entries])  # entries x samples
+        whole = torch.stack([n_l.double() for n_l, _ in [*layers, *replayed]]).sum(0)  # the fast path's norm
+        share = fast / whole.clamp_min(torch.finfo(torch.float64).tiny)
+        picks = []
+        if follow_up and not (share > 1e-3).any():  # nothing to compare on this batch
+            self.unseen = {name for name, *_ in entries}
+            return set(), 0
+        if not follow_up:
+            size = r.double().norm(dim=1)
+            order = torch.argsort(size, descending=True, stable=True).tolist()
+            if not size[order[0]]:
+                return None, 0
+            other = (x != x[order[0]]).reshape(len(x), -1).any(1)
+            picks = [order[0], *[u for u in order[1:] if other[u] and size[u]][:1]]
         owner = [e for e, (_, ps, _, _, _) in enumerate(entries) for _ in ps]
         params = [p for _, ps, _, _, _ in entries for p in ps]
         parts = [g.double() for _, _, gs, _, _ in entries for g in gs] if G is not None else None
@@ -1469,8 +1514,9 @@ class ParamGradStats:
         if parts is not None:
             for e, g in zip(owner, parts):
                 g_sq[e] += g.pow(2).sum()
-        wrong = set()
-        for u in picks.tolist():  # one sample's gradient at a time: memory of one model gradient
+        wrong, seen = set(), torch.zeros(len(entries), dtype=torch.bool)
+
+        def compare(u: int) -> None:  # one sample's gradient at a time: memory of one model gradient
             grads = _single_sample_grads(self.model, x[u : u + 1], r[u : u + 1], params)[0]
             ref_n = torch.zeros(len(entries), dtype=torch.float64)
             ref_c = torch.zeros(len(entries), dtype=torch.float64)
@@ -1479,6 +1525,7 @@ class ParamGradStats:
                 if parts is not None:
                     ref_c[e] += (g.double() * parts[k]).sum()
             total = float(ref_n.sum())
+            seen.logical_or_(torch.maximum(fast[:, u], ref_n) > 1e-4 * max(float(whole[u]), total))
             for e, (name, _, _, n_e, c_e) in enumerate(entries):
                 rtol = rtols[e]
                 if abs(float(n_e[u]) - ref_n[e]) > rtol * max(float(n_e[u]), float(ref_n[e])) + 1e-2 * rtol * total + floor:
@@ -1486,7 +1533,13 @@ class ParamGradStats:
                 bound = float((ref_n[e] * g_sq[e]).sqrt())  # |<g, G>| <= ||g|| ||G||
                 if c_e is not None and abs(float(c_e[u]) - ref_c[e]) > rtol * bound + 1e-2 * rtol * (total * float(g_sq.sum())) ** 0.5 + floor:
                     wrong.add(name)
-        return wrong
+
+        for u in picks:
+            compare(u)
+        for u in sorted({int(share[e].argmax()) for e in (~seen).nonzero().flatten().tolist() if share[e].max() > 1e-3} - set(picks)):
+            compare(u)
+        self.unseen = {name for (name, *_), s in zip(entries, seen.tolist()) if not s} - wrong
+        return wrong, len(picks)
 
     def _other_stats(self, x: torch.Tensor, r: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample statistics of the parameters ``names`` via ``vmap(grad)`` over the whole
