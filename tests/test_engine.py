@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import numpy as np
@@ -449,6 +450,49 @@ def test_expected_gradient_scores_keep_their_precision_for_confident_samples():
     for strategy, want in ((DynamicAL(pseudo_label="expected"), 2 * t * (1 - t) * margins**2), (EGL(), 2 * np.sqrt(2) * t * (1 - t) * margins)):
         got = _engine_scores(model, np.zeros((0, 1)), np.zeros(0, dtype=int), margins[:, None], strategy)
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+class _Linear(torch.nn.Module):
+    """Features = the input, a linear head without bias."""
+
+    def __init__(self, d, K):
+        super().__init__()
+        self.head = torch.nn.Linear(d, K, bias=False)
+
+    def features(self, x):
+        return x
+
+    def forward(self, x):
+        return self.head(x)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_the_cross_term_keeps_a_labeled_sum_below_float32s_range(hooked):
+    # a labeled set the model is sure of to logit margins over 110: the entries of A (about
+    # 1e-50) are zero in float32, yet the cross term of pool samples as sure as those is larger
+    # than their norm; the float64 copy of the model keeps A in float64 throughout
+    torch.manual_seed(0)
+    model = _Linear(2, 3).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(50.0)
+    rng = np.random.default_rng(0)
+    X_pool, X_lab = (rng.normal(size=(2, 40, 2)) * 3).astype(np.float32)
+    with torch.no_grad():
+        z = model(torch.from_numpy(X_lab)).sort(1).values
+    X_lab = X_lab[(z[:, -1] - z[:, -2] > 110).numpy()]
+    with torch.no_grad():
+        y_lab = model(torch.from_numpy(X_lab)).argmax(1).numpy()
+    stats = labeled_stats(model, ["last_layer_grad_sum"], X_lab, y_lab, batch_size=8)
+    assert len(X_lab) >= 5 and np.abs(stats["A"]).max() > 0 and not stats["A"].astype(np.float32).any()
+    if hooked:  # not the product with [W; A]
+        model.head.register_forward_hook(lambda m, args, out: out)
+    got = _last_layer_outputs(model, stats, X_pool)
+    double = copy.deepcopy(model).double()
+    stats64 = labeled_stats(double, ["last_layer_grad_sum"], X_lab.astype(np.float64), y_lab, batch_size=8)
+    want = _last_layer_outputs(double, stats64, X_pool.astype(np.float64))
+    assert (np.abs(want["grad_dot_labeled"]) > want["grad_norm_sq"]).any()  # the case this test is about
+    np.testing.assert_allclose(got["grad_dot_labeled"], want["grad_dot_labeled"], rtol=1e-3)
+    np.testing.assert_allclose(got["grad_norm_sq"], want["grad_norm_sq"], rtol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -152,20 +152,29 @@ def _head_and_cross(chunk: Chunk, ctx: Context, bias: float) -> tuple[np.ndarray
     A plain ``nn.Linear`` head (no hooks) on float32 or float64 features computes both in one
     product with ``[W; A]``, which costs what the head alone does; its logits then serve the
     chunk's other outputs. Half-precision features take the head's own logits and ``A h`` in
-    float32, whose sums over a large labeled set overflow float16.
+    float32, whose sums over a large labeled set overflow float16. Rows of ``A`` below ``2^-64``
+    (a labeled set the model is sure of to a logit margin of about 45 or more) are scaled by a
+    power of two into float32's range for the product and back in float64, so that they do not
+    flush to zero.
     """
     if "A" not in ctx.stats:
         return chunk.logits.double().numpy().T, None
     h, head = chunk.features, ctx.model.head
     if "last_layer_head" not in ctx.cache:
         wide = torch.promote_types(h.dtype, torch.float32)
-        A = torch.from_numpy(ctx.stats["A"]).to(wide).contiguous()  # K x d, as the head's weight
+        A64 = np.asarray(ctx.stats["A"], dtype=np.float64)
+        top = np.abs(A64).max(1, initial=0.0)
+        small = (top > 0) & (top < 2.0**-64)
+        scale = None
+        if small.any():  # powers of two: exact both ways
+            scale = np.exp2(np.floor(np.log2(np.where(small, top, 1.0))))[:, None]
+        A = torch.from_numpy(A64 if scale is None else A64 / scale).to(wide).contiguous()  # K x d, as the head's weight
         fused = None
         if _plain_head(head) and h.dtype == wide:
             b = head.bias.detach() if head.bias is not None else torch.zeros(len(A), dtype=h.dtype)
             fused = (torch.cat([b, torch.zeros(len(A), dtype=h.dtype)])[:, None], torch.cat([head.weight.detach(), A]))
-        ctx.cache["last_layer_head"] = (A, fused, bias * ctx.stats["a"][:, None])
-    A, fused, a = ctx.cache["last_layer_head"]
+        ctx.cache["last_layer_head"] = (A, fused, bias * ctx.stats["a"][:, None], scale)
+    A, fused, a, scale = ctx.cache["last_layer_head"]
     if fused is not None and "logits" not in chunk.__dict__:
         out = torch.addmm(*fused, h.T)
         K = len(A)
@@ -175,6 +184,8 @@ def _head_and_cross(chunk: Chunk, ctx: Context, bias: float) -> tuple[np.ndarray
     else:
         z = chunk.logits.double().numpy().T
         c = A.matmul(h.to(A.dtype).T).numpy().astype(np.float64)
+    if scale is not None:
+        c *= scale
     c += a
     return z, c
 
