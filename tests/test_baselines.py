@@ -338,6 +338,18 @@ def test_egl_matches_autograd_expected_gradient_length(bias):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+def test_egl_keeps_its_precision_past_the_squares_float64_can_hold():
+    # two classes, logits (m, 0): p = (1 - t, t) with t = e^-m / (1 + e^-m); both classes'
+    # gradients have length sqrt(2) t (times sqrt(||h||^2 + 1)), so E||g|| = 2 sqrt(2) t (1 - t)
+    # ||(h, 1)||; t^2 underflows float64 past a margin of about 354
+    margins = np.array([30.0, 360.0, 372.0, 600.0])
+    t = np.exp(-margins) / (1 + np.exp(-margins))
+    p = np.stack([1 - t, t], axis=1)
+    h = np.array([[1.0], [2.0], [3.0], [1.0]])
+    got = EGL().score({"probs": p, "features": h}, {"head_bias": True})
+    np.testing.assert_allclose(got, 2 * np.sqrt(2) * t * (1 - t) * np.sqrt(h[:, 0] ** 2 + 1), rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------- BAIT
 def _bait_reference(p, h, pL, hL, budget, oversample, reg, diagonal):
     """BAIT from its definition: materialized D x D Fisher matrices, an inverse per candidate."""
@@ -443,6 +455,17 @@ def test_least_confidence_and_bald_keep_the_order_of_confident_samples():
     assert np.all(mutual_information(same) == 0.0)  # identical passes: no information, never below 0
     same[3] = np.nan
     assert np.isnan(mutual_information(same)[3])  # left for the top-b to refuse, not zeroed
+
+
+def test_entropy_keeps_the_order_of_confident_samples():
+    # two classes, logits (m, 0): the entropy is t (m + log1p(e^-m)) + log1p(e^-m) (1 - t) with
+    # t = e^-m / (1 + e^-m), about t (m + 1); p_max rounds to 1 past m = 37, whose own term
+    # -p log p (about t) is then lost by the plain formula
+    gaps = np.array([20.0, 39.0, 40.0, 300.0])
+    t = np.exp(-gaps) / (1 + np.exp(-gaps))
+    probs = np.stack([1 - t, t], axis=1)
+    want = t * gaps + np.log1p(np.exp(-gaps))
+    np.testing.assert_allclose(Entropy().score({"probs": probs}, {}), want, rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------- uncertainty, random

@@ -95,13 +95,16 @@ class EGL(ScoreStrategy):
         p, h = chunk["probs"], chunk["features"].astype(np.float64)
         sq = np.einsum("nk,nk->n", p, p)[:, None]
         res_sq = (1.0 - p) ** 2 + sq - p**2
+        res = np.sqrt(np.maximum(res_sq, 0.0))
         # at the most likely class y, ||p - e_y||^2 = (1 - p_y)^2 + sum_{j != y} p_j^2 is tiny for
-        # a confident sample, and 1 - p_y and sq - p_y^2 cancel: summed from the other p instead
+        # a confident sample, and 1 - p_y and sq - p_y^2 cancel: summed from the other p instead,
+        # scaled by the largest so that the squares do not underflow (p_j below 1e-154)
         rows, y = np.arange(len(p)), p.argmax(1)
         others = p.copy()
         others[rows, y] = 0.0
-        res_sq[rows, y] = others.sum(1) ** 2 + np.einsum("nk,nk->n", others, others)
-        res = np.sqrt(np.maximum(res_sq, 0.0))
+        top = others.max(1, keepdims=True)
+        unit = others / np.where(top > 0, top, 1.0)
+        res[rows, y] = top[:, 0] * np.sqrt(unit.sum(1) ** 2 + np.einsum("nk,nk->n", unit, unit))
         return np.einsum("nk,nk->n", p, res) * np.sqrt(np.einsum("nd,nd->n", h, h) + float(stats["head_bias"]))
 
 

@@ -45,10 +45,15 @@ class Margin(ScoreStrategy):
 
 
 class Entropy(ScoreStrategy):
-    """Predictive entropy ``-sum_k p_k log p_k`` (0 log 0 = 0)."""
+    """Predictive entropy ``-sum_k p_k log p_k`` (0 log 0 = 0). The most likely class's term is
+    ``-(1 - s) log1p(-s)`` with ``s`` the other classes' summed probability, which keeps it
+    (about ``s``) where ``p_max`` rounds to 1."""
 
     name = "entropy"
     outputs = ("probs",)
 
     def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
-        return entr(chunk["probs"]).sum(axis=1)
+        p = chunk["probs"].copy()
+        p[np.arange(len(p)), p.argmax(axis=1)] = 0.0
+        s = p.sum(axis=1)
+        return entr(p).sum(axis=1) - (1.0 - s) * np.log1p(-s)
