@@ -402,6 +402,34 @@ def test_bait_backward_steps_match_the_reference_with_a_weak_ridge(fisher, seed,
     np.testing.assert_array_equal(got, ids[chosen])
 
 
+@pytest.mark.parametrize("reg, scale", [(1e-6, 1.0), (1e-5, 1.0), (1.0, 3000.0)])
+def test_bait_full_keeps_its_picks_with_a_ridge_far_below_the_information(reg, scale):
+    # features with a common offset: the rank-K updates of M's inverse cancel about 1 / reg of
+    # their digits, so the selection runs again from M itself
+    g = np.random.default_rng(0)
+    z = g.normal(size=(12, 3)) * 2
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    h = (3.0 + 0.1 * g.normal(size=(12, 2))) * scale
+    ids = np.arange(100, 112)
+    stats = {"labeled_probs": p[:0], "labeled_features": h[:0]}
+    chosen, gains = _bait_reference(p, h, p[:0], h[:0], 3, 2.0, reg, False)
+    got, scores = BAIT("full", 2.0, reg).select(_chunks(ids, probs=p, features=h), stats, 3, np.random.default_rng(0))
+    np.testing.assert_array_equal(got, ids[chosen])
+    np.testing.assert_allclose(scores, gains, rtol=1e-6)
+
+
+def test_bait_full_keeps_its_rank_k_updates_where_they_hold_their_digits(monkeypatch):
+    from dynal.strategies import embedding
+
+    refreshes = []
+    plain = embedding._FullFisher._refresh
+    monkeypatch.setattr(embedding._FullFisher, "_refresh", lambda self: refreshes.append(1) or plain(self))
+    ids, p, h = _pool(24, 3, 3, seed=7)
+    BAIT("full", 2.0, reg=0.5).select(_chunks(ids, probs=p, features=h), {"labeled_probs": p[:0], "labeled_features": h[:0]}, 4, np.random.default_rng(0))
+    assert len(refreshes) == 1  # the state built once, then updated
+
+
 @pytest.mark.parametrize("fisher", ["full", "diagonal"])
 def test_bait_ties_go_to_the_largest_tie_key(fisher):
     ids = np.arange(700, 716)
