@@ -40,3 +40,24 @@ def floor_sq_dists(d2: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """
     d2[d2 <= 1e-10 * scale] = 0.0
     return d2
+
+
+def distinct_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows ``U`` of a float64 matrix and, per row of ``X``, its row of ``U``
+    (bitwise-equal rows share one), found by a hash of each row's bits.
+
+    A matrix product rounds a row by its place in the matrix, so exact copies computed as rows
+    of ``U`` are the only way to get exactly equal results for them.
+    """
+    key = np.zeros(len(X), dtype=np.uint64)
+    for column in np.ascontiguousarray(X, dtype=np.float64).view(np.uint64).T:  # FNV-style mixing
+        key ^= column
+        key *= np.uint64(0x100000001B3)
+    _, first, row = np.unique(key, return_index=True, return_inverse=True)
+    row = row.reshape(-1)
+    copy = np.flatnonzero(first[row] != np.arange(len(X)))
+    if not np.array_equal(X[copy], X[first[row[copy]]]):  # a shared hash, different rows: sort them
+        U, row = np.unique(X, axis=0, return_inverse=True)
+        return U, row.reshape(-1)
+    return X[first], row
+

@@ -9,7 +9,7 @@ import numpy as np
 
 from dynal.engine.topk import argmax_tied, draw_salt, tie_keys
 from dynal.strategies.base import Chunks, Strategy
-from dynal.strategies.collect import floor_sq_dists, gather
+from dynal.strategies.collect import distinct_rows, floor_sq_dists, gather
 
 # Largest block of pairwise distances formed at once, in entries (8 MB of float64).
 _BLOCK = 1 << 20
@@ -41,8 +41,8 @@ class Coreset(Strategy):
     Centres start as the labeled set's penultimate features; each pick becomes a centre. Only
     the pool's features (N x d, float64) and the running min-distance vector (N) are kept, so
     memory is O(N·d), never N×N; a query costs O((L + b)·N·d) for L labeled samples, as
-    matrix-vector products. Ties (e.g. duplicate
-    features) go to the generator's per-id tie keys. The score of a pick is its distance to the
+    matrix-vector products over the distinct feature rows, so that exact copies tie exactly.
+    Ties (e.g. duplicate features) go to the generator's per-id tie keys. The score of a pick is its distance to the
     nearest centre when it was picked.
     """
 
@@ -57,15 +57,19 @@ class Coreset(Strategy):
         # features' spread only once their common offset is taken out
         shift = X.mean(axis=0)
         X -= shift
+        # distances are computed once per distinct row, so that exact copies tie exactly and
+        # the tie keys decide among them
+        U, row = distinct_rows(X)
+        del X
         budget = min(budget, len(ids))
         keys = tie_keys(ids, draw_salt(rng))
-        d2 = min_sq_dists(X, np.asarray(stats["labeled_features"], dtype=np.float64) - shift)
-        xx = np.einsum("nd,nd->n", X, X)
+        d2 = min_sq_dists(U, np.asarray(stats["labeled_features"], dtype=np.float64) - shift)[row]
+        uu = np.einsum("nd,nd->n", U, U)
         picks, scores = np.empty(budget, dtype=np.int64), np.empty(budget)
         for step in range(budget):
             i = argmax_tied(d2, keys)
             picks[step], scores[step] = i, np.sqrt(d2[i])
-            scale = xx + xx[i]
-            np.minimum(d2, floor_sq_dists(scale - 2.0 * (X @ X[i]), scale), out=d2)
+            scale = uu + uu[row[i]]
+            np.minimum(d2, floor_sq_dists(scale - 2.0 * (U @ U[row[i]]), scale)[row], out=d2)
             d2[i] = -np.inf  # never picked twice, even among duplicates
         return ids[picks], scores
