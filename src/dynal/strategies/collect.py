@@ -9,6 +9,9 @@ import numpy as np
 
 from dynal.strategies.base import Chunks
 
+# Rows hashed at once in :func:`distinct_rows`, in elements (8 MB of uint64).
+_BLOCK = 1 << 20
+
 
 def gather(chunks: Chunks, names: Sequence[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Concatenate the named per-sample outputs of a pool pass (default: all of them).
@@ -42,22 +45,38 @@ def floor_sq_dists(d2: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return d2
 
 
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 words, in place (modulo 2^64)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
 def distinct_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct rows ``U`` of a float64 matrix and, per row of ``X``, its row of ``U``
-    (bitwise-equal rows share one), found by a hash of each row's bits.
+    (equal rows share one; ``U`` is ``X`` itself when all rows differ), found by a hash of
+    each row's bits (``-0.0`` taken as ``0.0``) and checked.
 
     A matrix product rounds a row by its place in the matrix, so exact copies computed as rows
     of ``U`` are the only way to get exactly equal results for them.
     """
-    key = np.zeros(len(X), dtype=np.uint64)
-    for column in np.ascontiguousarray(X, dtype=np.float64).view(np.uint64).T:  # FNV-style mixing
-        key ^= column
-        key *= np.uint64(0x100000001B3)
+    d = X.shape[1]
+    weight = _mix(np.arange(1, d + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    key = np.empty(len(X), dtype=np.uint64)
+    step = max(1, _BLOCK // max(1, d))
+    for a in range(0, len(X), step):  # each word mixed, times a random odd weight per column
+        key[a : a + step] = (_mix((X[a : a + step] + 0.0).view(np.uint64)) * weight).sum(axis=1, dtype=np.uint64)
     _, first, row = np.unique(key, return_index=True, return_inverse=True)
     row = row.reshape(-1)
+    if len(first) == len(X):
+        return X, np.arange(len(X))
     copy = np.flatnonzero(first[row] != np.arange(len(X)))
-    if not np.array_equal(X[copy], X[first[row[copy]]]):  # a shared hash, different rows: sort them
-        U, row = np.unique(X, axis=0, return_inverse=True)
-        return U, row.reshape(-1)
+    for a in range(0, len(copy), step):
+        rows = copy[a : a + step]
+        if not np.array_equal(X[rows], X[first[row[rows]]]):  # a shared hash, different rows
+            U, row = np.unique(X, axis=0, return_inverse=True)
+            return U, row.reshape(-1)
     return X[first], row
-
