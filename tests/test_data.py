@@ -128,6 +128,34 @@ def test_stratified_split_holds_out_the_fraction_of_every_class():  # D1, D2
             assert abs(np.sum(y[test] == k) - 0.2 * size) <= 0.5  # the nearest count
 
 
+def test_a_split_built_by_hand_is_checked_and_takes_float32_inputs():
+    split = Split(np.array([3, 1]), np.ones((2, 2)), np.array([0.0, 1.0]))  # float64 inputs, float labels
+    assert split.X.dtype == np.float32 and split.y.dtype == np.int64 and split.ids.dtype == np.int64
+    X = np.ones((2, 2))
+    X[1, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf values in 1 rows, first at row 1"):
+        Split(np.array([3, 1]), X, None)
+    with pytest.raises(ValueError, match="ids must be a one-dimensional array of integers"):
+        Split(np.array([3.0, 1.0]), np.ones((2, 2)), None)
+    with pytest.raises(ValueError, match="integer class indices"):
+        Split(np.array([3, 1]), np.ones((2, 2)), np.array([0.5, 1.0]))
+    assert len(Split(np.zeros(0, np.int64), np.zeros((0, 2)), None)) == 0  # an empty split is one
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"spread": float("nan")}, "finite spread"), ({"spread": float("inf")}, "finite spread"), ({"spread": -1.0}, "finite spread"),
+    ({"n": 100.5}, "integers n"), ({"k": 2.0}, "integers n"),
+])
+def test_blobs_refuses_bad_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset("blobs", **params)
+
+
+def test_a_dataset_name_that_is_not_a_string_is_a_clear_error():
+    with pytest.raises(TypeError, match="the dataset name must be a string, got 5"):
+        load_dataset(5)
+
+
 def test_positions_of_unsorted_ids_and_id_checks():  # D3, D4, D5
     split = Split(np.array([30, 10, 20]), np.zeros((3, 2), np.float32), np.array([0, 1, 0]))
     np.testing.assert_array_equal(split.positions(np.array([20, 30, 10])), [2, 0, 1])

@@ -293,6 +293,14 @@ def test_aubc_std_and_vs_random_are_population_statistics_over_seeds():  # R3, R
     assert np.std(diffs) > 0.01 and np.std(diffs, ddof=1) - np.std(diffs) > 0.002  # distinguishable
 
 
+def test_a_table_of_strategies_with_different_finished_seeds_counts_them():
+    records = [r for r in _records() if not (r["strategy"] == "margin" and r["seed"] > 0)]
+    lines = table(records).splitlines()
+    assert lines[-2].split() == ["seeds", "1", "3"]  # margin, random
+    assert "each strategy's finished seeds" in lines[-1] and "over 3 seeds" not in lines[-1]
+    assert "over 3 seeds" in table(_records()).splitlines()[-1]
+
+
 def test_table_rows_show_each_rounds_label_count():  # R7
     rows = table(_records()).splitlines()[1:4]
     for i, (row, n) in enumerate(zip(rows, N_LAB)):

@@ -27,6 +27,12 @@ def test_labeled_set_grows_by_budget_and_labels_carry_rounds(learner):
     np.testing.assert_array_equal(learner.labels(), learner.pool.y[learner.pool.positions(ids)])
 
 
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5])
+def test_the_chunk_size_is_a_positive_integer(blobs, mlp_factory, chunk_size):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        ActiveLearner(blobs.train, mlp_factory, "entropy", blobs.n_classes, chunk_size=chunk_size)
+
+
 def test_update_rejects_bad_ids_and_labels(learner, blobs):
     learner.initialize(blobs.train.ids[:5])
     with pytest.raises(KeyError, match="not in the pool"):

@@ -161,6 +161,25 @@ def test_the_hold_out_is_not_trained_on_and_its_best_epoch_is_kept():  # T6, T5
     assert evaluate(models[0], X[val], y[val]) == results[0].val_accuracy  # the best epoch's weights
 
 
+def test_the_reported_loss_is_the_kept_epochs(monkeypatch):
+    # with a hold-out the best epoch's weights are kept: the loss reported is that epoch's, not
+    # the last one's; without one, the last epoch's
+    import dynal.training
+
+    X, y = _data(40, seed=3)
+    y = np.random.default_rng(4).integers(0, 3, 40)
+    accuracies = []
+    monkeypatch.setattr(dynal.training, "evaluate", lambda *args, **kw: accuracies.append(evaluate(*args, **kw)) or accuracies[-1])
+    model = build_model(model_factory("mlp", (6,), 3, hidden=[16]), np.random.default_rng(0))
+    result = fit(model, X, y, TrainConfig(epochs=15, batch_size=8, lr=0.05, val_fraction=0.25), np.random.default_rng(11))
+    best = int(np.argmax(accuracies))  # the first epoch with the best hold-out accuracy
+    assert best != len(accuracies) - 1  # the case this test is about
+    assert result.final_loss == result.history[best]
+    plain = build_model(model_factory("mlp", (6,), 3, hidden=[16]), np.random.default_rng(0))
+    result = fit(plain, X, y, TrainConfig(epochs=3), np.random.default_rng(0))
+    assert result.final_loss == result.history[-1]
+
+
 def test_a_lone_last_sample_joins_the_previous_batch():  # T12
     X, y = _data(11)
     model = build_model(model_factory("mlp", (6,), 3, hidden=[8]), np.random.default_rng(0))

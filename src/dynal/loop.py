@@ -151,7 +151,9 @@ class ActiveLearner:
         if oracle is None and pool.y is not None:
             oracle = self._simulated_oracle
         self.oracle = oracle
-        self.chunk_size = chunk_size
+        if not is_integer(chunk_size) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.chunk_size = int(chunk_size)
         self.progress = progress
         self.state = LabelState()
         self.round = 0

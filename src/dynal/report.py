@@ -125,8 +125,13 @@ def table(records: list[dict], rounds: int | None = None) -> str:
             diffs = [v - base[k] for k, v in s[n]["aubc_per_seed"].items() if k in base]
             cells.append(f"{np.mean(diffs):>+{width - 8}.3f} ± {np.std(diffs):.3f}" if diffs else " " * width)
         lines.append("vs random    " + "".join(cells))
-    seeds = sorted({seed for v in s.values() for seed in v["aubc_per_seed"]})
-    lines.append(f"(test accuracy, mean ± std over {len(seeds)} seeds; AUBC normalized to [0, 1])")
+    seeds = {frozenset(v["aubc_per_seed"]) for v in s.values()}
+    if len(seeds) == 1:
+        lines.append(f"(test accuracy, mean ± std over {len(next(iter(seeds)))} seeds; AUBC normalized to [0, 1])")
+    else:  # some strategies finished other seeds than others
+        lines.append("seeds        " + "".join(f"{s[n]['seeds']:>{width}}" for n in names))
+        lines.append("(test accuracy, mean ± std over each strategy's finished seeds, counted in the row 'seeds'; "
+                     "'vs random' pairs the seeds both finished; AUBC normalized to [0, 1])")
     partial = incomplete_runs(records, rounds)
     if partial:
         lines.append(f"(left out, unfinished or of another plan: {_runs_logged(partial)})")

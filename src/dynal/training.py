@@ -60,7 +60,9 @@ class TrainConfig:
 
 @dataclass
 class FitResult:
-    """What one call to :func:`fit` did."""
+    """What one call to :func:`fit` did: its time, its epochs, ``final_loss`` (the mean training
+    loss of the epoch whose weights are kept: the last, or the best on the validation hold-out),
+    the hold-out's accuracy and every epoch's loss."""
 
     seconds: float
     epochs: int
@@ -118,7 +120,7 @@ def fit(
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    best_acc, best_state = -1.0, None
+    best_acc, best_state, best_epoch = -1.0, None, -1
     history: list[float] = []
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.random.fork_rng(devices=[]):
@@ -142,7 +144,7 @@ def fit(
             if len(val_pos):
                 acc = evaluate(model, X[val_pos], y[val_pos])
                 if acc > best_acc:
-                    best_acc = acc
+                    best_acc, best_epoch = acc, len(history) - 1
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -150,7 +152,7 @@ def fit(
     return FitResult(
         seconds=time.perf_counter() - start,
         epochs=config.epochs,
-        final_loss=history[-1],
+        final_loss=history[best_epoch],  # the epoch whose weights are kept
         val_accuracy=best_acc if len(val_pos) else None,
         history=history,
     )

@@ -6,41 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynal.data.dataset import Dataset, Split
-
-
-def check_inputs(X: np.ndarray, what: str = "X") -> np.ndarray:
-    """Return ``X`` as float32, raising on a bad shape or non-finite values."""
-    X = np.asarray(X)
-    if X.ndim < 2:
-        raise ValueError(f"{what} must have a sample axis and at least one feature axis, got shape {X.shape}")
-    if len(X) == 0:
-        raise ValueError(f"{what} has no rows")
-    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
-        raise ValueError(f"{what} must be real numbers, got dtype {X.dtype}")
-    X = X.astype(np.float32, copy=False)
-    bad = ~np.isfinite(X.reshape(len(X), -1)).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{what} has NaN or inf values in {int(bad.sum())} rows, first at row {int(np.argmax(bad))}")
-    return X
-
-
-def check_labels(y: np.ndarray, n_classes: int | None = None, what: str = "y") -> np.ndarray:
-    """Return ``y`` as int64 class indices, raising on non-integers or out-of-range values."""
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise ValueError(f"{what} must be one-dimensional, got shape {y.shape}")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.mod(y, 1) == 0):
-            raise ValueError(f"{what} must hold integer class indices, got dtype {y.dtype}")
-        if np.abs(y).max() >= 2**62:
-            raise ValueError(f"{what} has label {y.flat[np.abs(y).argmax()]:g}, outside any class range")
-    y = y.astype(np.int64)
-    if y.size and y.min() < 0:
-        raise ValueError(f"{what} has negative labels, e.g. {int(y.min())}")
-    if n_classes is not None and y.size and y.max() >= n_classes:
-        raise ValueError(f"{what} has label {int(y.max())} outside the class range [0, {n_classes - 1}]")
-    return y
+from dynal.data.dataset import Dataset, Split, check_inputs, check_labels
 
 
 def from_arrays(

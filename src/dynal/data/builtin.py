@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from dynal.data.arrays import from_arrays, stratified_split
 from dynal.data.dataset import Dataset, Split
+from dynal.validation import is_integer
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -84,8 +86,10 @@ def blobs(
 
     Class centres are drawn from N(0, spread^2 I); samples from N(centre, I).
     """
-    if n < 2 * k or d < 1 or k < 2:
-        raise ValueError(f"blobs needs n >= 2k, d >= 1, k >= 2; got n={n}, d={d}, k={k}")
+    if not all(is_integer(v) for v in (n, d, k)) or n < 2 * k or d < 1 or k < 2:
+        raise ValueError(f"blobs needs integers n >= 2k, d >= 1, k >= 2; got n={n!r}, d={d!r}, k={k!r}")
+    if isinstance(spread, bool) or not isinstance(spread, numbers.Real) or not np.isfinite(spread) or spread < 0:
+        raise ValueError(f"blobs needs a finite spread >= 0, got {spread!r}")
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=spread, size=(k, d))
     y = np.arange(n) % k
@@ -111,6 +115,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 def load_dataset(name: str, **params) -> Dataset:
     """Load a builtin dataset by name (``blobs``, ``digits``, ``fashion-mnist``, ``mnist-5k``)
     or a ``.npz``/``.npy`` file by path; ``params`` go to the loader."""
+    if not isinstance(name, str):
+        raise TypeError(f"the dataset name must be a string, got {name!r}")
     if name.endswith((".npz", ".npy")):
         from dynal.data.arrays import load_arrays
 
