@@ -1,5 +1,5 @@
-"""Helpers of the set strategies: the pool pass gathered into compact per-sample arrays, and
-squared distances cleaned of rounding noise."""
+"""Helpers of the set strategies: the pool pass gathered into compact per-sample arrays,
+squared distances cleaned of rounding noise, and exact copies among rows grouped."""
 
 from __future__ import annotations
 
