@@ -42,8 +42,8 @@ class Coreset(Strategy):
     the pool's features (N x d, float64) and the running min-distance vector (N) are kept, so
     memory is O(N·d), never N×N; a query costs O((L + b)·N·d) for L labeled samples, as
     matrix-vector products over the distinct feature rows, so that exact copies tie exactly.
-    Ties (e.g. duplicate features) go to the generator's per-id tie keys. The score of a pick is its distance to the
-    nearest centre when it was picked.
+    Ties (e.g. duplicate features) go to the generator's per-id tie keys. The score of a pick
+    is its distance to the nearest centre when it was picked.
     """
 
     name = "coreset"
