@@ -165,6 +165,16 @@ def test_streaming_topk_memory_stays_bounded_under_ties_and_arrays_can_be_reused
     np.testing.assert_array_equal(got, _brute_topk(np.arange(4000), np.zeros(4000), 5, salt=3))
 
 
+def test_argmax_tied_breaks_ties_by_key_and_refuses_nan():
+    from dynal.engine.topk import argmax_tied
+
+    keys = np.array([5, 9, 1, 7], dtype=np.uint64)
+    assert argmax_tied(np.array([1.0, 2.0, 2.0, 2.0]), keys) == 1
+    assert argmax_tied(np.array([3.0, 2.0, 2.0, 2.0]), keys) == 0
+    with pytest.raises(ValueError, match=r"NaN \(at position 2\)"):
+        argmax_tied(np.array([1.0, 2.0, np.nan, 0.0]), keys)
+
+
 def test_tie_keys_depend_on_salt_not_position():
     ids = np.arange(100)
     a, b = tie_keys(ids, 1), tie_keys(ids[::-1], 1)

@@ -96,5 +96,8 @@ class StreamingTopK:
 
 def argmax_tied(values: np.ndarray, keys: np.ndarray) -> int:
     """Position of the largest value; ties go to the largest tie key (see ``tie_keys``)."""
-    top = np.flatnonzero(values == values.max())
+    best = values.max()
+    if np.isnan(best):
+        raise ValueError(f"cannot pick the largest of values with NaN (at position {int(np.flatnonzero(np.isnan(values))[0])})")
+    top = np.flatnonzero(values == best)
     return int(top[np.argmax(keys[top])]) if len(top) > 1 else int(top[0])
