@@ -343,3 +343,4 @@ def test_unused_strategies_names_all_but_dynamicals_defaults():
     assert unused_strategies([{"name": "dynamical", "params": "last", "train_term": 2, "label": "paper"}]) == []
     listed = ["random", {"name": "dynamical", "params": "all", "label": "dyn-all"}, {"name": "nosuch", "label": "x"}, "typo"]
     assert unused_strategies(listed) == ["random", "dyn-all", "x", "typo"]  # invalid ones named, not validated
+    assert unused_strategies([{"params": {"train_term": 0}}]) == ["{'params': {'train_term': 0}}"]  # no name: shown whole

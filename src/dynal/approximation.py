@@ -229,7 +229,7 @@ def unused_strategies(listed: object) -> list[str]:
         try:
             spec = StrategySpec.parse(entry)
         except (TypeError, ValueError):
-            unused.append(str(entry.get("label") or entry.get("name")) if isinstance(entry, dict) else str(entry))
+            unused.append(str(entry.get("label") or entry.get("name") or entry) if isinstance(entry, dict) else str(entry))
             continue
         if spec.name != "dynamical" or make_strategy(spec.name, **spec.params).config() != default:
             unused.append(spec.label)
