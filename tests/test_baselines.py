@@ -368,9 +368,9 @@ def test_egl_matches_autograd_expected_gradient_length(bias):
 
 
 def test_egl_keeps_its_precision_past_the_squares_float64_can_hold():
-    # two classes, logits (m, 0): p = (1 - t, t) with t = e^-m / (1 + e^-m); both classes'
-    # gradients have length sqrt(2) t (times sqrt(||h||^2 + 1)), so E||g|| = 2 sqrt(2) t (1 - t)
-    # ||(h, 1)||; t^2 underflows float64 past a margin of about 354
+    # two classes, logits (m, 0): p = (1 - t, t) with t = e^-m / (1 + e^-m); the gradients at
+    # the two classes have lengths sqrt(2) t and sqrt(2) (1 - t) (times ||(h, 1)||), so
+    # E||g|| = 2 sqrt(2) t (1 - t) ||(h, 1)||; t^2 underflows float64 past a margin of about 354
     margins = np.array([30.0, 360.0, 372.0, 600.0])
     t = np.exp(-margins) / (1 + np.exp(-margins))
     p = np.stack([1 - t, t], axis=1)
