@@ -274,6 +274,11 @@ def peak_memory(case: int, path: str, threads: int, n_pool: int | None = None, b
     return m.seconds, m.peak_bytes
 
 
+def setting(args: argparse.Namespace) -> str:
+    """The benchmarks' common setting, the first words of their tables' preamble."""
+    return f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; budget b = {BUDGET}, labeled set M = {N_LABELED}"
+
+
 def bench_cli(doc: str, rounds: int) -> tuple[argparse.Namespace, ProcessPoolExecutor]:
     """The benchmarks' options (--threads, --rounds, --out), and a pool running each task in a
     fresh process."""
@@ -296,8 +301,7 @@ def measure_case(pool: ProcessPoolExecutor, timings: Callable, peak_memory: Call
 def main() -> None:
     args, pool = bench_cli(__doc__, rounds=5)
     lines = [
-        f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; budget b = {BUDGET}, labeled set "
-        f"M = {N_LABELED}. Times: per model one fresh process runs the paths interleaved, {args.rounds} rounds, "
+        f"{setting(args)}. Times: per model one fresh process runs the paths interleaved, {args.rounds} rounds, "
         "and keeps each path's best (wall clock, no memory sampling); (a) is the fastest plain inference over batches of "
         f"{', '.join(map(str, INFERENCE_BATCHES))} images, (b) and (c) run in the given chunks; (d), (e) and (f) run on a sub-pool, are scaled to the full pool, and are checked "
         "to give (c)'s scores there to 1e-4 relative. Memory: "

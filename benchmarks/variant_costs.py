@@ -23,11 +23,9 @@ Usage: python benchmarks/variant_costs.py [--threads 2] [--rounds 5] [--out benc
 
 from __future__ import annotations
 
-import platform
 import time
 
-import torch
-from engine_speed import BUDGET, CASES, INFERENCE_BATCHES, N_LABELED, bench_cli, best_times, case_data, inference, query, write_report
+from engine_speed import CASES, INFERENCE_BATCHES, bench_cli, best_times, case_data, inference, query, setting, write_report
 
 from dynal.engine import labeled_stats
 from dynal.strategies import make_strategy
@@ -69,8 +67,7 @@ def timings(case: int, n_pool: int | None, threads: int, rounds: int) -> dict:
 def main() -> None:
     args, pool = bench_cli(__doc__, rounds=5)
     lines = [
-        f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}; budget b = {BUDGET}, labeled set "
-        f"M = {N_LABELED}; per model one fresh process runs inference and the variants interleaved, {args.rounds} "
+        f"{setting(args)}; per model one fresh process runs inference and the variants interleaved, {args.rounds} "
         "rounds after one untimed warm-up run of each (each round ending with a pause after greedy, not reported), "
         "and keeps each one's best; each variant's time as a multiple of the fastest plain inference.",
         "",

@@ -1490,9 +1490,6 @@ class ParamGradStats:
         if not entries:
             self.unseen = set()
             return set(), min(2, len(x))
-        floor = min(1e6 * torch.finfo(r.dtype).tiny, 1e-30)
-        # wider for bfloat16 and float16 layers or logits
-        rtols = [max(1e-3, 8 * torch.finfo(r.dtype).eps, *(8 * torch.finfo(p.dtype).eps for p in ps)) for _, ps, _, _, _ in entries]
         fast = torch.stack([n_e.double() for _, _, _, n_e, _ in entries])  # entries x samples
         whole = torch.stack([n_l.double() for n_l, _ in [*layers, *replayed]]).sum(0)  # the fast path's norm
         share = fast / whole.clamp_min(torch.finfo(torch.float64).tiny)
@@ -1507,6 +1504,9 @@ class ParamGradStats:
                 return None, 0
             other = (x != x[order[0]]).reshape(len(x), -1).any(1)
             picks = [order[0], *[u for u in order[1:] if other[u] and size[u]][:1]]
+        floor = min(1e6 * torch.finfo(r.dtype).tiny, 1e-30)
+        # wider for bfloat16 and float16 layers or logits
+        rtols = [max(1e-3, 8 * torch.finfo(r.dtype).eps, *(8 * torch.finfo(p.dtype).eps for p in ps)) for _, ps, _, _, _ in entries]
         owner = [e for e, (_, ps, _, _, _) in enumerate(entries) for _ in ps]
         params = [p for _, ps, _, _, _ in entries for p in ps]
         parts = [g.double() for _, _, gs, _, _ in entries for g in gs] if G is not None else None

@@ -20,6 +20,7 @@ import numpy as np
 from dynal.engine.topk import argmax_tied, draw_salt, tie_keys
 from dynal.strategies.base import Chunks, ScoreStrategy, Strategy
 from dynal.strategies.collect import floor_sq_dists, gather
+from dynal.strategies.uncertainty import other_classes
 from dynal.validation import is_integer
 
 # Largest temporary block formed at once, in float64 entries (8 MB).
@@ -100,8 +101,7 @@ class EGL(ScoreStrategy):
         # a confident sample, and 1 - p_y and sq - p_y^2 cancel: summed from the other p instead,
         # scaled by the largest so that the squares do not underflow (p_j below 1e-154)
         rows, y = np.arange(len(p)), p.argmax(1)
-        others = p.copy()
-        others[rows, y] = 0.0
+        others = other_classes(p)
         top = others.max(1, keepdims=True)
         unit = others / np.where(top > 0, top, 1.0)
         res[rows, y] = top[:, 0] * np.sqrt(unit.sum(1) ** 2 + np.einsum("nk,nk->n", unit, unit))

@@ -11,6 +11,14 @@ from scipy.special import entr
 from dynal.strategies.base import ScoreStrategy
 
 
+def other_classes(probs: np.ndarray) -> np.ndarray:
+    """A copy of ``probs`` with each row's most likely class set to 0: the probabilities that,
+    summed, give ``1 - max_k p_k`` without the rounding of ``1 - p`` near 1."""
+    p = probs.copy()
+    p[np.arange(len(p)), p.argmax(axis=1)] = 0.0
+    return p
+
+
 class RandomSampling(ScoreStrategy):
     """Uniform random sampling: every score ties, so the generator's tie keys decide."""
 
@@ -28,9 +36,7 @@ class LeastConfidence(ScoreStrategy):
     outputs = ("probs",)
 
     def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
-        p = chunk["probs"].copy()
-        p[np.arange(len(p)), p.argmax(axis=1)] = 0.0
-        return p.sum(axis=1)
+        return other_classes(chunk["probs"]).sum(axis=1)
 
 
 class Margin(ScoreStrategy):
@@ -53,7 +59,6 @@ class Entropy(ScoreStrategy):
     outputs = ("probs",)
 
     def score(self, chunk: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
-        p = chunk["probs"].copy()
-        p[np.arange(len(p)), p.argmax(axis=1)] = 0.0
+        p = other_classes(chunk["probs"])
         s = p.sum(axis=1)
         return entr(p).sum(axis=1) - (1.0 - s) * np.log1p(-s)
