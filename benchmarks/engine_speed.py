@@ -332,10 +332,16 @@ def main() -> None:
             seconds, peak = pool.submit(peak_memory, MEMORY_CASE, "all", args.threads, n_pool, budget).result()
             lines.append(f"| {n_pool} | {budget} | {seconds:.1f} | {peak / 2**20:.0f} |")
             print(lines[-1], flush=True)
+    finish(args, "engine_speed", "Engine speed and memory", lines)
+
+
+def finish(args: argparse.Namespace, script: str, title: str, lines: list[str]) -> None:
+    """Print a benchmark's tables and, with ``--out``, write them with the command that made them."""
     text = "\n".join(lines)
     print(text)
     if args.out:
-        write_report(args.out, "Engine speed and memory", f"python benchmarks/engine_speed.py --threads {args.threads} --rounds {args.rounds} --out {args.out}", text)
+        command = f"python benchmarks/{script}.py --threads {args.threads} --rounds {args.rounds} --out {args.out}"
+        write_report(args.out, title, command, text)
 
 
 def write_report(path: str, title: str, command: str, text: str) -> None:

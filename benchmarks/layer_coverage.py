@@ -40,7 +40,7 @@ import warnings
 
 import numpy as np
 import torch
-from engine_speed import bench_cli, best_times, measure_case, vmap_path, write_report
+from engine_speed import bench_cli, best_times, finish, measure_case, vmap_path
 from torch import nn
 from torch.nn import functional as F
 
@@ -330,11 +330,7 @@ def main() -> None:
             f"{t['general'] / t['all']:.1f}x | {vmap_ratio} | {' / '.join('-' if m is None else f'{m / 2**20:.0f}' for m in mems)} |"
         )
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_report(args.out, "params='all' on sequence, text, tabular, depthwise-separable and 3-D models, and layers outside the fast path",
-                     f"python benchmarks/layer_coverage.py --threads {args.threads} --rounds {args.rounds} --out {args.out}", text)
+    finish(args, "layer_coverage", "params='all' on sequence, text, tabular, depthwise-separable and 3-D models, and layers outside the fast path", lines)
 
 
 if __name__ == "__main__":

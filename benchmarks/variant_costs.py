@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 
-from engine_speed import CASES, INFERENCE_BATCHES, bench_cli, best_times, case_data, inference, query, setting, write_report
+from engine_speed import CASES, INFERENCE_BATCHES, bench_cli, best_times, case_data, finish, inference, query, setting
 
 from dynal.engine import labeled_stats
 from dynal.strategies import make_strategy
@@ -79,10 +79,7 @@ def main() -> None:
         ratios = " | ".join(f"{t[v] / t['inference']:.2f}x" for v in VARIANTS)
         lines.append(f"| {t['label']} | {t['n']} | {t['chunk']} | {t['n'] / t['inference']:,.0f} ({t['inference_path'].split('/')[1]}) | {ratios} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_report(args.out, "Cost of the dynamicAL variants", f"python benchmarks/variant_costs.py --threads {args.threads} --rounds {args.rounds} --out {args.out}", text)
+    finish(args, "variant_costs", "Cost of the dynamicAL variants", lines)
 
 
 if __name__ == "__main__":
